@@ -1,0 +1,402 @@
+"""Typed run configuration: YAML file + dotted command-line overrides -> `Config` dataclasses.
+
+This is the single home of every setting. The DeepSpeed JSON is generated from it (`pretrain.engine`), and the
+resolved config is written next to every run. Print one with:
+
+    python -m pretrain.config configs/vit_b16_i21k.yaml optim.lr=3e-4 model.name=vit_large_patch16
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pretrain.fsutil import atomic_write
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what is allowed."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "vit"
+    """Run name, used in logs."""
+    output_dir: str = "runs/vit"
+    """Folder for checkpoints, metrics and the resolved config."""
+    seed: int = 0
+    """Seed for weights init, data order and augmentation."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base_patch16"
+    """Variant from `pretrain.model.VARIANTS`."""
+    img_size: int | None = None
+    """Input resolution; None keeps the variant's default (224)."""
+    num_classes: int | None = None
+    """Head size; None takes it from the class list in the training shards' `_info.json`."""
+    pool: Literal["token", "gap"] | None = None
+    """Class-token or global-average pooling; None keeps the variant's default."""
+    representation_size: int | None = None
+    """Width of the pre-logits layer of the paper's ImageNet-21k models; None or 0: no such layer."""
+    drop_rate: float = 0.0
+    """Dropout after the embeddings and in the MLPs."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth rate, linearly increasing over blocks."""
+    head_bias_init: float = 0.0
+    """Initial head bias; -10 for the sigmoid loss as in big_vision's i21k recipe."""
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    """Training shards: a folder with `_info.json`, a folder of `.tar` files, or a brace pattern / URL."""
+    val_shards: str = ""
+    """Held-out shards (same forms); empty disables evaluation."""
+    train_split: str = "train"
+    """Split name in `_info.json` for training."""
+    val_split: str = "val"
+    """Split name in `_info.json` for evaluation."""
+    num_workers: int = 4
+    """Loader worker processes per rank."""
+    mode: Literal["epoch", "resampled"] = "epoch"
+    """`epoch`: every sample once per epoch; `resampled`: infinite stream, shards drawn with replacement."""
+    remainder: Literal["drop", "wrap"] = "drop"
+    """What happens to the samples that do not fill a whole global batch at the end of an epoch."""
+    shuffle_buffer: int = 2000
+    """Samples held per worker for shuffling."""
+    crop_scale_min: float = 0.08
+    """Lower bound of the Inception-style RandomResizedCrop area fraction."""
+    hflip: bool = True
+    """Random horizontal flip in training."""
+    randaugment_ops: int = 0
+    """RandAugment number of ops (0 disables it)."""
+    randaugment_magnitude: int = 10
+    """RandAugment magnitude."""
+    mixup_alpha: float = 0.0
+    """Mixup Beta(alpha, alpha) on the device; 0 disables it."""
+    eval_crop_pct: float = 0.875
+    """Evaluation: resize the shorter side to img_size / crop_pct, then centre crop."""
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    """Normalisation mean (the ViT paper and big_vision map pixels to [-1, 1])."""
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    """Normalisation std."""
+    max_bad_shards: int = 10
+    """Unreadable or truncated shards tolerated per rank before the run stops."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.03
+    """Decoupled (AdamW) weight decay; biases, norms, position embedding and class token are exempt."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 10_000
+    """Linear warmup from 0 to `optim.lr`."""
+    decay: Literal["linear", "cosine", "constant"] = "linear"
+    """Shape of the decay after warmup."""
+    min_lr_ratio: float = 0.0
+    """Floor of the decay, as a fraction of the peak learning rate."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps in the run."""
+    micro_batch_size: int = 64
+    """Images per device per forward/backward."""
+    global_batch_size: int = 4096
+    """Images per optimizer step over all devices; must be micro_batch_size x world size x an integer."""
+    grad_checkpointing: bool = False
+    """Recompute block activations in the backward pass to save memory."""
+    grad_checkpointing_every: int = 1
+    """With checkpointing on, checkpoint every k-th block (1 = all)."""
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Training precision."""
+    loss: Literal["softmax", "sigmoid"] = "softmax"
+    """Softmax cross-entropy, or sigmoid binary cross-entropy over one-hot targets (big_vision's i21k choice)."""
+    label_smoothing: float = 0.0
+    """Label smoothing for the softmax loss."""
+    resume: str = "auto"
+    """`auto`: newest complete checkpoint in output_dir; `none`: start fresh; or a checkpoint path."""
+    eval_every_steps: int = 0
+    """Evaluate on the held-out split every N steps (0: only at the end)."""
+    eval_batches: int = 0
+    """Cap on evaluation batches per rank (0: the whole held-out split)."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many non-finite losses in a row."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    """Save every N steps (and at the end)."""
+    keep_last: int = 3
+    """Keep the newest K checkpoints."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of M (0: none)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction with the backward pass."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per gradient reduce bucket."""
+    allgather_bucket_size: int = 50_000_000
+    """Elements per all-gather bucket (stages 1 and 2)."""
+    stage3_prefetch_bucket_size: int = 50_000_000
+    """Elements of parameters prefetched ahead of use (stage 3)."""
+    offload_optimizer: bool = False
+    """Keep optimizer state in host memory (ZeRO-Offload)."""
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    """Print and record metrics every N steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to output_dir/tb."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), as written to YAML and stored in checkpoints."""
+        return _plain(dataclasses.asdict(self))
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank; raises ConfigError if the batch sizes do not divide."""
+        per_step = self.train.micro_batch_size * world_size
+        if self.train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.train.global_batch_size} is not divisible by "
+                f"train.micro_batch_size ({self.train.micro_batch_size}) x world size ({world_size}); "
+                f"use a multiple of {per_step}"
+            )
+        return self.train.global_batch_size // per_step
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (optional), apply `section.key=value` overrides, type-check and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections (run, model, data, ...), not {type(raw).__name__}")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=3e-4")
+        section, _, name = key.partition(".")
+        try:
+            parsed = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            parsed = value
+        sec = raw.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise ConfigError(f"section {section!r} must be a mapping")
+        sec[name] = parsed
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone cannot (ranges, combinations). Raises ConfigError."""
+    positive = {
+        "train.steps": cfg.train.steps,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "train.grad_checkpointing_every": cfg.train.grad_checkpointing_every,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "log.every_steps": cfg.log.every_steps,
+        "optim.lr": cfg.optim.lr,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{key}={v} must be > 0")
+    non_negative = {
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.grad_clip": cfg.optim.grad_clip,
+        "schedule.warmup_steps": cfg.schedule.warmup_steps,
+        "data.num_workers": cfg.data.num_workers,
+        "data.mixup_alpha": cfg.data.mixup_alpha,
+        "train.eval_every_steps": cfg.train.eval_every_steps,
+        "checkpoint.keep_every": cfg.checkpoint.keep_every,
+    }
+    for key, v in non_negative.items():
+        if v < 0:
+            raise ConfigError(f"{key}={v} must be >= 0")
+    fractions = {
+        "model.drop_rate": cfg.model.drop_rate,
+        "model.drop_path_rate": cfg.model.drop_path_rate,
+        "schedule.min_lr_ratio": cfg.schedule.min_lr_ratio,
+        "train.label_smoothing": cfg.train.label_smoothing,
+    }
+    for key, v in fractions.items():
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"{key}={v} must be in [0, 1)")
+    if not 0.0 < cfg.data.crop_scale_min <= 1.0:
+        raise ConfigError(f"data.crop_scale_min={cfg.data.crop_scale_min} must be in (0, 1]")
+    if not 0.0 < cfg.data.eval_crop_pct <= 1.0:
+        raise ConfigError(f"data.eval_crop_pct={cfg.data.eval_crop_pct} must be in (0, 1]")
+    if cfg.train.global_batch_size % cfg.train.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
+            f"train.micro_batch_size={cfg.train.micro_batch_size}"
+        )
+    if cfg.train.precision == "fp16" and cfg.train.loss == "sigmoid" and cfg.model.head_bias_init < -8:
+        raise ConfigError("model.head_bias_init below -8 overflows fp16 logits' gradients; use train.precision=bf16")
+    from pretrain.model import VARIANTS  # local import: the model module imports torch, the loader does not need it
+
+    if cfg.model.name not in VARIANTS:
+        raise ConfigError(f"model.name={cfg.model.name!r} is unknown; choose one of {', '.join(sorted(VARIANTS))}")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    atomic_write(path, dump_yaml(cfg))
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text, sections in declaration order."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. stored in a checkpoint)."""
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; {where} accepts: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key` and the allowed type or values."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args or type(value) is not type(args[args.index(value)]):
+            allowed = ", ".join(str(a) for a in args)
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {allowed}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key}={value!r} must be a list of {len(args)} numbers")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} must be a string")
+    raise ConfigError(f"{key}: unsupported type {tp}")  # a programming error in this file, not a user error
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the resolved config: `python -m pretrain.config FILE [section.key=value ...]`."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: python -m pretrain.config CONFIG.yaml [section.key=value ...]")
+        return 0 if args else 2
+    try:
+        cfg = load_config(args[0], args[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(dump_yaml(cfg), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Vision Transformer of "An Image is Worth 16x16 Words" (arXiv 2010.11929), weight-for-weight timm.
+
+Parameter names and shapes equal timm's `VisionTransformer`, so `model.state_dict()` loads into
+`timm.create_model("vit_base_patch16_224", num_classes=...)` with `strict=True` and gives the same outputs.
+The optional pre-logits layer of the paper's ImageNet-21k models (`pre_logits.fc`) has no timm counterpart;
+it is dropped with the head on export.
+
+This module never imports DeepSpeed or torch.distributed: wrapping happens in `pretrain.engine`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class ViTArgs:
+    """Shape and regularisation of one ViT."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    pool: str = "token"  # "token" (class token, as in the paper) or "gap" (global average pooling + fc_norm)
+    representation_size: int | None = None  # pre-logits width of the paper's i21k models; None: no such layer
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    head_bias_init: float = 0.0
+
+
+VARIANTS: dict[str, ViTArgs] = {
+    # A CPU-sized model for tests and the demo: 32 px images, 4x4 patches, 4 blocks.
+    "vit_test_patch4": ViTArgs(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4),
+    "vit_tiny_patch16": ViTArgs(embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16": ViTArgs(embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16": ViTArgs(embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16": ViTArgs(embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge_patch14": ViTArgs(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+
+# timm's name for each variant at its default size (used by export and tests; the shapes must match).
+TIMM_NAMES: dict[str, str] = {
+    "vit_tiny_patch16": "vit_tiny_patch16_224",
+    "vit_small_patch16": "vit_small_patch16_224",
+    "vit_base_patch16": "vit_base_patch16_224",
+    "vit_large_patch16": "vit_large_patch16_224",
+    "vit_huge_patch14": "vit_huge_patch14_224",
+}
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        # SDPA picks the flash / memory-efficient kernel on CUDA (bf16/fp16), the math kernel on CPU.
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop: float, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PreLogits(nn.Module):
+    """The paper's representation layer for ImageNet-21k pretraining: Linear + tanh before the head."""
+
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, args: ViTArgs) -> None:
+        super().__init__()
+        if args.pool not in ("token", "gap"):
+            raise ValueError(f"pool must be 'token' or 'gap', got {args.pool!r}")
+        self.args = args
+        D = args.embed_dim
+        self.patch_embed = PatchEmbed(args.img_size, args.patch_size, args.in_chans, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, D))
+        self.pos_drop = nn.Dropout(args.drop_rate)
+        dpr = [args.drop_path_rate * i / max(args.depth - 1, 1) for i in range(args.depth)]  # grows with depth
+        self.blocks = nn.Sequential(
+            *[Block(D, args.num_heads, args.mlp_ratio, args.drop_rate, dpr[i]) for i in range(args.depth)]
+        )
+        # timm: final norm before token pooling, or fc_norm after average pooling (then `norm` is absent).
+        self.norm = nn.LayerNorm(D, eps=1e-6) if args.pool == "token" else nn.Identity()
+        self.fc_norm = nn.LayerNorm(D, eps=1e-6) if args.pool == "gap" else nn.Identity()
+        width = args.representation_size or 0
+        self.pre_logits = PreLogits(D, width) if width else nn.Identity()
+        self.head_drop = nn.Dropout(args.drop_rate)
+        self.head = nn.Linear(width or D, args.num_classes) if args.num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = 0  # checkpoint every k-th block; 0 = off
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The paper's (JAX) initialisation: xavier-uniform linears, LeCun-normal patch projection,
+        trunc-normal(0.02) class token and position embedding, zero head with a settable bias."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.normal_(m.bias, std=1e-6) if ".mlp." in name else nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight
+        fan_in = w.shape[1] * w.shape[2] * w.shape[3]
+        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)  # LeCun normal, truncated
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.constant_(self.head.bias, self.args.head_bias_init)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay besides biases and norms (see `pretrain.engine`)."""
+        return {"pos_embed", "cls_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
+        """Recompute every `every`-th block in the backward pass instead of storing its activations."""
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.grad_checkpointing = every if enable else 0
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + N, D)
+        x = self.pos_drop(x)
+        k = self.grad_checkpointing
+        for i, blk in enumerate(self.blocks):
+            if k and self.training and i % k == 0 and torch.is_grad_enabled():
+                # non-reentrant checkpoint: works with ZeRO-3's parameter hooks and keeps RNG (dropout) in sync
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.norm(x)  # (B, 1 + N, D)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 0] if self.args.pool == "token" else x[:, 1:].mean(dim=1)  # (B, D)
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        if pre_logits:
+            return x
+        return self.head(self.pre_logits(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def resolve_args(name: str, **overrides: object) -> ViTArgs:
+    """The variant's arguments with `overrides` applied (None values keep the default)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(VARIANTS))}")
+    return replace(VARIANTS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def create_vit(name: str, **overrides: object) -> VisionTransformer:
+    """Build a registered variant, e.g. `create_vit("vit_base_patch16", num_classes=21843, img_size=384)`."""
+    return VisionTransformer(resolve_args(name, **overrides))
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resample a (1, prefix + g*g, D) position embedding to a new_grid x new_grid grid, bicubic (antialiased),
+    keeping the class token's embedding aside. Same result as timm's `resample_abs_pos_embed`."""
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = math.isqrt(grid.shape[1])
+    if old * old != grid.shape[1]:
+        raise ValueError(f"position embedding of {grid.shape[1]} patches is not a square grid")
+    if old == new_grid:
+        return pos_embed
+    D = grid.shape[-1]
+    grid = grid.float().reshape(1, old, old, D).permute(0, 3, 1, 2)  # (1, D, g, g)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", antialias=True, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, D).to(pos_embed.dtype)  # (1, g'*g', D)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def train_flops_per_image(args: ViTArgs) -> float:
+    """Matmul FLOPs of one training step per image: forward x 3 (backward costs twice the forward), except the
+    patch projection, whose input needs no gradient (forward x 2).
+
+    Counts what `torch.utils.flop_counter` counts (convolutions, linears, attention matmuls), 2 FLOPs per
+    multiply-add. Recomputation from gradient checkpointing is not included: this is the model FLOPs used for MFU.
+    """
+    D, N, L = args.embed_dim, (args.img_size // args.patch_size) ** 2, args.depth
+    T = N + 1  # tokens incl. class token
+    hidden = int(D * args.mlp_ratio)
+    patch = 2 * N * (args.in_chans * args.patch_size**2) * D
+    per_block = 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D + 2 * 2 * T * D * hidden
+    width = args.representation_size or 0
+    head = 2 * width * D + 2 * (width or D) * args.num_classes
+    return 2.0 * patch + 3.0 * (L * per_block + head)

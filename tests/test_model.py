@@ -1,0 +1,136 @@
+"""The ViT: weight-for-weight timm, parameter counts, FLOPs, gradient checkpointing, position-embedding resize."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pretrain.model import TIMM_NAMES, create_vit, resize_pos_embed, resolve_args, train_flops_per_image
+
+timm = pytest.importorskip("timm")
+
+# Real variants at full shape where the CPU allows; ViT-L and ViT-H at reduced depth (shapes checked by count below).
+DEPTH = {"vit_large_patch16": 2, "vit_huge_patch14": 2}
+
+
+@pytest.mark.parametrize("name", list(TIMM_NAMES))
+@pytest.mark.parametrize("pool", ["token", "gap"])
+def test_state_dict_round_trips_with_timm(name, pool):
+    torch.manual_seed(0)
+    depth = DEPTH.get(name)
+    ours = create_vit(name, num_classes=7, pool=pool, depth=depth).eval()
+    for p in ours.parameters():  # random weights everywhere, head included (its init is zero)
+        p.data.normal_(0, 0.02)
+    kw = {"depth": depth} if depth else {}
+    theirs = timm.create_model(TIMM_NAMES[name], num_classes=7, global_pool="avg" if pool == "gap" else "token", **kw)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    theirs.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (ours.forward_features(x) - theirs.forward_features(x)).abs().max() <= 1e-4
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-4
+    # and back: timm's weights load into ours
+    back = create_vit(name, num_classes=7, pool=pool, depth=depth)
+    back.load_state_dict(theirs.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize(
+    "name,millions", [("vit_base_patch16", 86.6), ("vit_large_patch16", 304.3), ("vit_huge_patch14", 632.0)]
+)
+def test_parameter_counts_of_real_shapes(name, millions):
+    with torch.device("meta"):
+        m = create_vit(name, num_classes=1000)
+    n = sum(p.numel() for p in m.parameters()) / 1e6
+    assert abs(n - millions) / millions < 0.01, n
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16", "vit_large_patch16", "vit_huge_patch14"])
+def test_train_flops_match_torch_flop_counter(name):
+    args = resolve_args(name, num_classes=21843)
+    with torch.device("meta"):
+        m = create_vit(name, num_classes=21843)
+        x = torch.randn(2, 3, 224, 224)
+        with FlopCounterMode(display=False) as counter:
+            m(x).sum().backward()
+    measured = counter.get_total_flops() / 2
+    assert abs(train_flops_per_image(args) - measured) / measured < 0.02
+
+
+def _loss_and_grads(model, x, y):
+    model.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_grad_checkpointing_same_loss_and_grads(every):
+    torch.manual_seed(0)
+    model = create_vit("vit_test_patch4", num_classes=10, drop_rate=0.1, drop_path_rate=0.1).train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    torch.manual_seed(1)
+    loss_a, grads_a = _loss_and_grads(model, x, y)
+    model.set_grad_checkpointing(True, every=every)
+    torch.manual_seed(1)  # dropout masks must be replayed identically in the recomputation
+    loss_b, grads_b = _loss_and_grads(model, x, y)
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    for n in grads_a:
+        assert (grads_a[n] - grads_b[n]).abs().max() <= 1e-5, n
+
+
+_PEAK_SCRIPT = """
+import re, sys, torch
+from pretrain.model import create_vit
+def hwm():  # peak resident KiB of this process (VmHWM restarts at exec, unlike ru_maxrss)
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+torch.manual_seed(0)
+m = create_vit("vit_small_patch16", num_classes=10, depth=6)
+m.set_grad_checkpointing(sys.argv[1] == "on")
+x, y = torch.randn(32, 3, 224, 224), torch.randint(0, 10, (32,))
+before = hwm()
+torch.nn.functional.cross_entropy(m(x), y).backward()
+print(hwm() - before)
+"""
+
+
+def test_grad_checkpointing_lowers_peak_memory():
+    """Peak resident memory of a forward+backward, measured in a fresh process per mode."""
+    peaks = {}
+    for mode in ("off", "on"):
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, mode], capture_output=True, text=True, check=True)
+        peaks[mode] = int(out.stdout.split()[-1])  # KiB of peak growth during the step
+    print(json.dumps(peaks))
+    assert peaks["on"] < 0.75 * peaks["off"], peaks  # measured here: about 0.58
+
+
+def test_resize_pos_embed_matches_timm_and_keeps_class_token():
+    from timm.layers import resample_abs_pos_embed
+
+    pe = torch.randn(1, 1 + 14 * 14, 32)
+    ours = resize_pos_embed(pe, 24)
+    assert ours.shape == (1, 1 + 24 * 24, 32)
+    assert torch.equal(ours[:, :1], pe[:, :1])
+    torch.testing.assert_close(ours, resample_abs_pos_embed(pe, [24, 24], num_prefix_tokens=1))
+    assert resize_pos_embed(pe, 14) is pe
+
+
+def test_head_bias_init_and_no_weight_decay():
+    m = create_vit("vit_test_patch4", num_classes=5, head_bias_init=-10.0)
+    assert torch.all(m.head.bias == -10.0) and torch.all(m.head.weight == 0)
+    assert m.no_weight_decay() == {"pos_embed", "cls_token"}
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_pre_logits_layer_and_image_size_override():
+    m = create_vit("vit_test_patch4", num_classes=5, representation_size=48, img_size=48)
+    assert m.pos_embed.shape == (1, 1 + 12 * 12, 64)
+    assert m.pre_logits.fc.weight.shape == (48, 64)
+    assert m(torch.randn(2, 3, 48, 48)).shape == (2, 5)
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="unknown model"):
+        create_vit("vit_gigantic")

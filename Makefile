@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# DeepSpeed JIT-compiles a CPU communication op on first use (~90 s); keep that build with this venv so that
+# two checkouts never rebuild each other's copy.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: test demo lint bench clean
 

@@ -1,0 +1,70 @@
+"""One rank of the ZeRO memory benchmark (launched by benchmarks/bench_train.py under `deepspeed --num_gpus 2`).
+
+Builds the engine exactly as pretrain.train does (same generated DeepSpeed JSON), runs one step, then counts the
+bytes of every live tensor on this rank (unique storages), which after the step are the model states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+
+import torch
+
+
+def live_tensor_bytes() -> int:
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if not torch.is_tensor(obj) or obj.device.type == "meta":
+                continue
+            st = obj.untyped_storage()
+        except Exception:  # noqa: BLE001 - gc holds half-built objects of every kind
+            continue
+        if st.data_ptr() and st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    return total
+
+
+def main() -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    from pretrain.config import load_config
+    from pretrain.engine import deepspeed_config, lr_scheduler, param_groups
+    from pretrain.model import create_vit
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--stage", type=int, required=True)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--local_rank", type=int, default=0)
+    args = p.parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    world = dist.get_world_size()
+    cfg = load_config(
+        "configs/tiny_digits.yaml",
+        [f"deepspeed.zero_stage={args.stage}", "train.micro_batch_size=2", f"train.global_batch_size={2 * world}"],
+    )
+    torch.manual_seed(0)
+    model = create_vit("vit_small_patch16", num_classes=1000, depth=args.depth)
+    n = sum(p.numel() for p in model.parameters())
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, 0.05),
+        config=deepspeed_config(cfg, world, on_cuda=False),
+        lr_scheduler=lr_scheduler(cfg),
+    )
+    del model
+    x, y = torch.randn(2, 3, 224, 224, dtype=torch.bfloat16), torch.randint(0, 1000, (2,))
+    loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
+    engine.backward(loss)
+    engine.step()
+    del x, y, loss
+    gc.collect()
+    print("ZEROMEM " + json.dumps({"rank": dist.get_rank(), "world": world, "params": n, "bytes": live_tensor_bytes()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Training-step benchmark.
+
+1. This project's ViT against timm's `VisionTransformer` of the same shape, in the same plain PyTorch loop
+   (AdamW, bf16 autocast, same data), interleaved in one process: seconds per step and the ratio ours / timm
+   (target <= 1.0). With and without gradient checkpointing: time and peak-memory ratios.
+2. Per-rank memory of the model states under ZeRO 1, 2 and 3 on 2 CPU ranks (DeepSpeed, bf16), measured as the
+   bytes of every live tensor on the rank after a step, against the ZeRO paper's 16-bytes-per-parameter
+   accounting (2 bf16 weights + 2 bf16 grads + 12 fp32 master/momentum/variance, divided by ZeRO's stage).
+
+    python -m benchmarks.bench_train [--full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _step_time(model, x, y, opt, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]  # median: robust to a noisy neighbour
+
+
+def ours_vs_timm(quick: bool) -> dict:
+    import timm
+
+    from pretrain.model import create_vit
+
+    depth, batch, rounds = (4, 16, 3) if quick else (12, 32, 5)
+    torch.manual_seed(0)
+    ours = create_vit("vit_small_patch16", num_classes=100, depth=depth)
+    theirs = timm.create_model("vit_small_patch16_224", num_classes=100, depth=depth)
+    theirs.load_state_dict(ours.state_dict())
+    x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 100, (batch,))
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (ours, theirs)}
+    for m in (ours, theirs):  # warm-up
+        _step_time(m, x, y, opts[m], 1)
+    t_ours, t_timm = [], []
+    for _ in range(rounds):  # interleaved, so drift in machine load hits both alike
+        t_ours.append(_step_time(ours, x, y, opts[ours], 2))
+        t_timm.append(_step_time(theirs, x, y, opts[theirs], 2))
+    a, b = min(t_ours), min(t_timm)
+    return {
+        "model": f"vit_small_patch16 depth {depth}",
+        "batch": batch,
+        "ours_s_per_step": a,
+        "timm_s_per_step": b,
+        "ratio": a / b,
+    }
+
+
+_CKPT_SCRIPT = """
+import re, sys, time, torch
+from pretrain.model import create_vit
+def hwm():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+torch.manual_seed(0)
+m = create_vit("vit_small_patch16", num_classes=100, depth=int(sys.argv[2]))
+m.set_grad_checkpointing(sys.argv[1] == "on")
+x, y = torch.randn(int(sys.argv[3]), 3, 224, 224), torch.randint(0, 100, (int(sys.argv[3]),))
+base = hwm()
+t = time.perf_counter()
+torch.nn.functional.cross_entropy(m(x), y).backward()
+print(time.perf_counter() - t, hwm() - base)
+"""
+
+
+def checkpointing(quick: bool) -> dict:
+    """Forward+backward with and without gradient checkpointing, each in a fresh process (peak RSS growth)."""
+    depth, batch = (4, 16) if quick else (12, 32)
+    res = {}
+    for mode in ("off", "on"):
+        out = subprocess.run(
+            [sys.executable, "-c", _CKPT_SCRIPT, mode, str(depth), str(batch)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
+        secs, mib = map(float, out.stdout.split()[-2:])
+        res[mode] = {"s": secs, "peak_mib": mib}
+    return {
+        "time_ratio": res["on"]["s"] / res["off"]["s"],
+        "memory_ratio": res["on"]["peak_mib"] / res["off"]["peak_mib"],
+        **{f"{k}_{m}": v for m, d in res.items() for k, v in d.items()},
+    }
+
+
+def zero_memory(quick: bool) -> list[dict]:
+    """Launch benchmarks/_zero_memory.py on 2 CPU ranks per stage; it prints each rank's live tensor bytes."""
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    rows = []
+    for stage in (1, 2, 3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [
+            deepspeed,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(port),
+            str(ROOT / "benchmarks" / "_zero_memory.py"),
+            "--stage",
+            str(stage),
+            "--depth",
+            "2" if quick else "12",
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
+        found = [json.loads(m) for m in re.findall(r"ZEROMEM (\{.*\})", proc.stdout)]
+        if proc.returncode or len(found) != 2:
+            raise RuntimeError(f"ZeRO-{stage} memory run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        measured = max(f["bytes"] for f in found)
+        n, world = found[0]["params"], found[0]["world"]
+        model_states = {1: 4 + 12 / world, 2: 2 + 14 / world, 3: 16 / world}[stage] * n  # ZeRO paper, eq. in sec. 5
+        rows.append(
+            {
+                "stage": stage,
+                "params": n,
+                "per_rank_mib": measured / 2**20,
+                "accounting_mib": model_states / 2**20,
+                "no_zero_mib": 16 * n / 2**20,
+                "ratio": measured / model_states,
+            }
+        )
+    return rows
+
+
+def run(quick: bool = True) -> dict:
+    return {"step": ours_vs_timm(quick), "checkpointing": checkpointing(quick), "zero": zero_memory(quick)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks.bench_train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--full", action="store_true", help="full-depth ViT-S/16 and bigger batches (minutes)")
+    args = p.parse_args(argv)
+    res = run(quick=not args.full)
+    for r in res["zero"]:
+        print(
+            f"ZeRO-{r['stage']}: {r['per_rank_mib']:.1f} MiB per rank measured, {r['accounting_mib']:.1f} MiB by the "
+            f"16 B/param accounting (no ZeRO: {r['no_zero_mib']:.1f}), ratio {r['ratio']:.2f}"
+        )
+    c = res["checkpointing"]
+    print(f"gradient checkpointing: time x{c['time_ratio']:.2f}, peak memory x{c['memory_ratio']:.2f}")
+    s = res["step"]
+    print(
+        f"train step ({s['model']}, batch {s['batch']}): ours {s['ours_s_per_step'] * 1e3:.0f} ms, "
+        f"timm {s['timm_s_per_step'] * 1e3:.0f} ms"
+    )
+    print(f"ratio ours/timm: {s['ratio']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

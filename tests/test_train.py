@@ -1,0 +1,189 @@
+"""The pretraining loop on 2 CPU ranks (DeepSpeed's CPU accelerator, gloo): ZeRO 1/2/3, checkpointing, exact resume,
+crashes (also during a save), two "nodes" over loopback, and clear failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.train import main
+
+pytestmark = pytest.mark.slow
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+BASE = [
+    "train.steps=8",
+    "train.micro_batch_size=16",
+    "train.global_batch_size=32",
+    "log.every_steps=1",
+    "checkpoint.every_steps=4",
+    "checkpoint.keep_last=5",
+    "schedule.warmup_steps=2",
+    "optim.lr=0.003",
+    "data.num_workers=1",
+    "train.eval_batches=2",
+    "log.tensorboard=false",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(shards: Path, out: Path, *extra: str, env: dict | None = None, timeout: int = 400) -> int:
+    """`deepspeed --num_gpus 2 --module pretrain.train` on this machine's CPU; returns the exit code."""
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain.train",
+           "--config", "configs/tiny_digits.yaml", f"data.train_shards={shards}", f"data.val_shards={shards}",
+           f"run.output_dir={out}", *BASE, *extra]  # fmt: skip
+    proc = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
+    return proc.returncode
+
+
+def losses(out: Path) -> dict[int, float]:
+    """Training loss by step from metrics.jsonl; a step logged twice (before a crash and after) keeps the last."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def fp32_weights(out: Path, tag: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=tag)
+
+
+@pytest.fixture(scope="module")
+def reference(digits_shards, tmp_path_factory):
+    """The uninterrupted run every crash/resume test compares with (ZeRO-2, bf16, checkpointing on)."""
+    out = tmp_path_factory.mktemp("train") / "reference"
+    assert launch(digits_shards, out) == 0, (out.parent / "reference.log").read_text()[-3000:]
+    return out
+
+
+def test_reference_run_writes_checkpoints_metrics_and_eval(reference):
+    ckpts = reference / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000008"
+    meta = json.loads((ckpts / "step_00000008" / "pretrain_meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["zero_stage"] == 2 and meta["class_names"][:3] == ["0", "1", "2"]
+    rows = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert all(r["images_per_s"] > 0 and r["mfu"] is None and 0 <= r["data_wait"] <= 1 for r in train)
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert evals and 0.0 <= evals[-1]["top1"] <= 1.0
+    assert (reference / "config.yaml").is_file()
+
+
+def test_resume_after_kill_is_bit_identical(reference, digits_shards, tmp_path):
+    out = tmp_path / "killed"
+    assert launch(digits_shards, out, env={"PRETRAIN_FAULT": "step:6"}) != 0  # SIGKILL after step 6
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert launch(digits_shards, out) == 0, (tmp_path / "killed.log").read_text()[-3000:]
+    assert "resumed from" in (tmp_path / "killed.log").read_text()
+    assert losses(out) == losses(reference)  # every step, exactly
+    ours, ref = fp32_weights(out, "step_00000008"), fp32_weights(reference, "step_00000008")
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_kill_during_save_resumes_from_previous_complete_checkpoint(reference, digits_shards, tmp_path):
+    out = tmp_path / "save_crash"
+    assert launch(digits_shards, out, env={"PRETRAIN_FAULT": "save:8"}) != 0  # killed in the middle of the save
+    half = out / "checkpoints" / "step_00000008"
+    assert half.is_dir() and not (half / "pretrain_meta.json").exists()  # DeepSpeed's files, never marked complete
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert launch(digits_shards, out) == 0, (tmp_path / "save_crash.log").read_text()[-3000:]
+    assert losses(out) == losses(reference)
+    ours, ref = fp32_weights(out, "step_00000008"), fp32_weights(reference, "step_00000008")
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_stages_train_and_loss_falls(digits_shards, tmp_path, stage):
+    out = tmp_path / f"zero{stage}"
+    rc = launch(digits_shards, out, f"deepspeed.zero_stage={stage}", "train.steps=24", "checkpoint.every_steps=24")
+    assert rc == 0, (tmp_path / f"zero{stage}.log").read_text()[-3000:]
+    lo = list(losses(out).values())
+    assert sum(lo[-4:]) / 4 < sum(lo[:4]) / 4 - 0.05, lo
+
+
+def test_grad_checkpointing_off_gives_the_same_losses(reference, digits_shards, tmp_path):
+    out = tmp_path / "no_ckpt"
+    assert launch(digits_shards, out, "train.grad_checkpointing=false", "train.steps=4") == 0
+    ref = losses(reference)
+    assert losses(out) == {s: ref[s] for s in range(1, 5)}
+
+
+def test_two_nodes_over_loopback(digits_shards, tmp_path):
+    """Two launchers, one per "node" (slots=1 each), joined over 127.0.0.1 as on a real cluster."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    out, port = tmp_path / "two_nodes", free_port()
+    procs = []
+    for node_rank in (0, 1):
+        cmd = [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
+               "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "pretrain.train",
+               "--config", "configs/tiny_digits.yaml", f"data.train_shards={digits_shards}",
+               f"data.val_shards={digits_shards}", f"run.output_dir={out}", *BASE, "train.steps=3"]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:]
+    meta = json.loads((out / "checkpoints" / "step_00000003" / "pretrain_meta.json").read_text())
+    assert meta["world_size"] == 2
+    assert sorted(losses(out)) == [1, 2, 3]
+
+
+def test_missing_shard_folder_fails_fast_under_the_launcher(tmp_path):
+    rc = launch(tmp_path / "no_such_folder", tmp_path / "run", timeout=120)
+    assert rc != 0
+    assert "error: " in (tmp_path / "run.log").read_text()
+
+
+def test_bad_config_and_missing_shards_exit_2_with_one_line(tmp_path, capsys, digits_shards):
+    assert main(["--config", "configs/tiny_digits.yaml", "train.stepz=3"]) == 2
+    assert main(["--config", "configs/tiny_digits.yaml", f"data.train_shards={tmp_path / 'nope'}"]) == 2
+    assert main(["--config", "configs/tiny_digits.yaml", f"data.train_shards={digits_shards}",
+                 "model.num_classes=7"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+    assert "model.num_classes=7" in err[2]
+
+
+def test_resume_into_another_model_shape_is_refused(reference, digits_shards, capsys):
+    rc = main(["--config", "configs/tiny_digits.yaml", f"data.train_shards={digits_shards}",
+               f"run.output_dir={reference}", "model.img_size=48"])  # fmt: skip
+    assert rc == 2
+    assert "another shape" in capsys.readouterr().err
+
+
+def test_resume_on_another_world_size_through_universal_checkpoint(reference, digits_shards, tmp_path):
+    """2 ranks -> 1 rank: convert with pretrain.universal, resume with plain `python -m pretrain.train`."""
+    import shutil
+
+    from pretrain.universal import main as universal_main
+
+    run = tmp_path / "resized"
+    shutil.copytree(reference, run)
+    for tag in ("step_00000008", "latest"):  # continue from step 4 as if the 2-rank job had stopped there
+        target = run / "checkpoints" / tag
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    assert universal_main([str(run / "checkpoints" / "step_00000004")]) == 0
+    uni = run / "checkpoints" / "step_00000004_universal"
+    assert (uni / "zero").is_dir() and (uni / "pretrain_meta.json").is_file()
+    cmd = [sys.executable, "-m", "pretrain.train", "--config", "configs/tiny_digits.yaml",
+           f"data.train_shards={digits_shards}", f"data.val_shards={digits_shards}", f"run.output_dir={run}",
+           f"train.resume={uni}", *BASE]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    meta = json.loads((run / "checkpoints" / "step_00000008" / "pretrain_meta.json").read_text())
+    assert meta["world_size"] == 1
+    # same weights at step 4, other batches after it: the first resumed loss is close to the 2-rank run's
+    assert abs(losses(run)[5] - losses(reference)[5]) < 0.2

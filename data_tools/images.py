@@ -1,0 +1,107 @@
+"""One sample's image: decode it fully (to catch truncated files), downscale if asked, keep or re-encode the bytes."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image
+
+# Formats stored unchanged when no resize or re-encode is asked: every WebDataset/timm reader decodes them.
+KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+DEFAULT_QUALITY = 90
+"""JPEG quality used when an image must be re-encoded (resized, or a format readers may not know) and no --quality."""
+
+# Shorter-side buckets for the size distribution `info` prints: [0,32), [32,64), ..., [2048, inf).
+SIZE_EDGES = (32, 64, 128, 256, 384, 512, 768, 1024, 2048)
+
+
+class BadImage(Exception):
+    """The bytes are not a readable image (not an image, truncated, unsupported); the message is the reason."""
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How images are transformed on their way into the shards."""
+
+    resize_shorter: int | None = None
+    """Downscale so the shorter side is at most this many pixels (aspect kept, never upscaled); None keeps sizes."""
+    quality: int | None = None
+    """Re-encode every image as JPEG at this quality; None keeps the original bytes when no resize is needed."""
+
+
+@dataclass
+class Encoded:
+    """The stored form of one image."""
+
+    ext: str
+    """Sample key for the image: `jpg` when re-encoded, else the source format's extension."""
+    data: bytes
+    """Bytes written to the shard."""
+    width: int
+    """Original width in pixels."""
+    height: int
+    """Original height in pixels."""
+    stored_shorter: int
+    """Shorter side of the stored image, in pixels."""
+
+
+def target_size(width: int, height: int, shorter: int | None) -> tuple[int, int]:
+    """Size after downscaling so min(width, height) <= shorter; unchanged when already small enough or no limit."""
+    if not shorter or min(width, height) <= shorter:
+        return width, height
+    scale = shorter / min(width, height)
+    if width <= height:
+        return shorter, max(1, round(height * scale))
+    return max(1, round(width * scale)), shorter
+
+
+def encode_image(data: bytes, opts: ImageOptions) -> Encoded:
+    """Decode `data` and return what to store for it.
+
+    Raises:
+        BadImage: The bytes cannot be decoded completely, or the image cannot be re-encoded.
+    """
+    try:
+        im = Image.open(io.BytesIO(data))
+        fmt = im.format
+        width, height = im.size
+        size = target_size(width, height, opts.resize_shorter)
+        keep = size == (width, height) and opts.quality is None and fmt in KEEP_FORMATS
+        if fmt == "JPEG" and keep:
+            # Only checking: a 1/8-scale decode still reads every coefficient (truncation fails) in half the time.
+            im.draft(None, (max(1, width // 8), max(1, height // 8)))
+        elif fmt == "JPEG" and size != (width, height):
+            # libjpeg decodes at a reduced DCT scale (>= the target size): several times faster for big photos.
+            im.draft("RGB", size)
+        im.load()  # decode everything: truncated or corrupt files fail here, not in the training loader
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
+        raise BadImage(f"{type(e).__name__}: {e}".replace("\n", " ")) from e
+
+    if keep:
+        return Encoded(KEEP_FORMATS[fmt], data, width, height, min(width, height))
+
+    try:
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        if im.size != size:
+            im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=opts.quality or DEFAULT_QUALITY)
+    except Exception as e:  # an exotic mode (e.g. 16-bit) Pillow cannot convert: skip it like any bad file
+        raise BadImage(f"cannot re-encode as RGB JPEG ({type(e).__name__}: {e})".replace("\n", " ")) from e
+    return Encoded("jpg", buf.getvalue(), width, height, min(size))
+
+
+def size_bucket(shorter: int) -> int:
+    """Index of the SIZE_EDGES bucket holding a shorter side of `shorter` pixels."""
+    for i, edge in enumerate(SIZE_EDGES):
+        if shorter < edge:
+            return i
+    return len(SIZE_EDGES)
+
+
+def bucket_labels() -> list[str]:
+    """Human labels of the size buckets, e.g. '<32', '32-63', ..., '>=2048'."""
+    middle = [f"{a}-{b - 1}" for a, b in zip(SIZE_EDGES[:-1], SIZE_EDGES[1:], strict=True)]
+    return [f"<{SIZE_EDGES[0]}"] + middle + [f">={SIZE_EDGES[-1]}"]

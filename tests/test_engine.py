@@ -1,0 +1,129 @@
+"""Pieces of the training loop that need no process group: DeepSpeed JSON, schedule, groups, losses, checkpoints,
+metrics and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pretrain import checkpoint as ckpt
+from pretrain.config import ConfigError, load_config
+from pretrain.engine import deepspeed_config, loss_fn, lr_factor, param_groups
+from pretrain.metrics import format_line
+from pretrain.model import create_vit, resolve_args
+from pretrain.plot import main as plot_main
+
+
+def cfg_with(*overrides):
+    return load_config("configs/tiny_digits.yaml", list(overrides))
+
+
+def test_deepspeed_json_is_derived_from_the_config():
+    cfg = cfg_with("deepspeed.zero_stage=3", "train.micro_batch_size=8", "train.global_batch_size=64",
+                   "train.precision=bf16", "optim.grad_clip=0.5", "optim.lr=1e-3")  # fmt: skip
+    ds = deepspeed_config(cfg, world_size=4, on_cuda=True)
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 2  # 64 / (8 x 4)
+    assert ds["zero_optimization"]["stage"] == 3 and "stage3_prefetch_bucket_size" in ds["zero_optimization"]
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 1e-3
+    assert ds["optimizer"]["params"]["torch_adam"] is False  # DeepSpeed's fused Adam on CUDA
+    assert deepspeed_config(cfg, world_size=4, on_cuda=False)["optimizer"]["params"]["torch_adam"] is True
+    with pytest.raises(ConfigError, match="world size \\(3\\)"):
+        deepspeed_config(cfg, world_size=3, on_cuda=False)
+
+
+def test_lr_schedule_warmup_then_decay_to_floor():
+    cfg = cfg_with("train.steps=100", "schedule.warmup_steps=10", "schedule.decay=cosine", "schedule.min_lr_ratio=0.1")
+    f = [lr_factor(s, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(f[:10], f[1:10], strict=False))
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert f[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    lin = cfg_with("train.steps=100", "schedule.warmup_steps=10", "schedule.decay=linear", "schedule.min_lr_ratio=0")
+    assert lr_factor(55, lin) == pytest.approx(0.5)
+
+
+def test_no_weight_decay_on_biases_norms_pos_embed_cls_token():
+    model = create_vit("vit_test_patch4", num_classes=10)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"pos_embed", "cls_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
+    assert all(names[id(p)].endswith("weight") and p.ndim >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_losses_softmax_with_smoothing_and_sigmoid():
+    logits = torch.randn(4, 10)
+    y = torch.tensor([1, 2, 3, 4])
+    soft = cfg_with("train.loss=softmax", "train.label_smoothing=0.1")
+    assert loss_fn(logits, y, soft) == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1).item()
+    )
+    sig = cfg_with("train.loss=sigmoid")
+    onehot = torch.nn.functional.one_hot(y, 10).float()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, onehot, reduction="sum") / 4
+    assert loss_fn(logits, y, sig).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss_fn(logits, onehot, sig).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def _fake_tag(d, step, complete=True):
+    tag = d / ckpt.tag_for(step)
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        ckpt.write_meta(d, tag.name, {"step": step, "model_args": {}})
+
+
+def test_newest_complete_never_picks_a_half_written_tag(tmp_path):
+    d = tmp_path / "checkpoints"
+    _fake_tag(d, 100)
+    _fake_tag(d, 200)
+    _fake_tag(d, 300, complete=False)  # the run died while saving step 300
+    assert ckpt.newest_complete(d) == "step_00000200"
+    (d / "latest").write_text("step_00000300")  # even if `latest` points at it
+    assert ckpt.newest_complete(d) == "step_00000200"
+    assert ckpt.resolve_resume("auto", tmp_path) == (d, "step_00000200")
+    assert ckpt.resolve_resume("none", tmp_path) is None
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.resolve_resume(str(d / "step_00000300"), tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        ckpt.resolve_resume(str(tmp_path / "elsewhere"), tmp_path)
+
+
+def test_prune_keeps_last_k_and_every_mth(tmp_path):
+    d = tmp_path / "checkpoints"
+    for s in (100, 200, 300, 400, 500):
+        _fake_tag(d, s)
+    _fake_tag(d, 250, complete=False)
+    ckpt.prune(d, keep_last=2, keep_every=200)
+    assert [t for _, t in ckpt.complete_tags(d)] == ["step_00000200", "step_00000400", "step_00000500"]
+    assert not (d / "step_00000250").exists()
+
+
+def test_model_shape_mismatch_is_refused():
+    import dataclasses
+
+    args = resolve_args("vit_test_patch4", num_classes=10)
+    meta = {"model_args": dataclasses.asdict(args)}
+    ckpt.check_model_matches(meta, args, "x")
+    other = resolve_args("vit_test_patch4", num_classes=10, img_size=48)
+    with pytest.raises(ckpt.CheckpointError, match="img_size: checkpoint 32 vs config 48"):
+        ckpt.check_model_matches(meta, other, "x")
+
+
+def test_metrics_line_and_plot(tmp_path, capsys):
+    line = format_line("train", 7, {"loss": 1.5, "lr": 1e-3, "mfu": None, "images_per_s": 100.0, "eta_s": 3725})
+    assert line == "train step 7 | loss 1.5000 | lr 1.00e-03 | 100.0 img/s | MFU n/a | ETA 1:02:05"
+    rows = [{"kind": "train", "step": s, "loss": 2.0 / s, "lr": 1e-3, "images_per_s": 10.0} for s in range(1, 6)]
+    rows.append({"kind": "eval", "step": 5, "loss": 0.5, "top1": 0.9})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert plot_main([str(tmp_path)]) == 0
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert plot_main([str(tmp_path / "missing")]) == 2

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from data_tools.digits import write_digits
 from data_tools.shard import shard
+from data_tools.summary import format_summary
 from pretrain.checkpoint import newest_complete
 from pretrain.plot import plot, read_metrics
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     digits = write_digits(out / "digits")
     shards = out / "digits-shards"
     summary = shard(digits, shards, workers=2, samples_per_shard=200, val_fraction=0.15, seed=0, progress=False)
-    print(f"   {json.dumps(summary.get('splits', summary))[:300]}", flush=True)
+    print("   " + format_summary(summary).replace("\n", "\n   "), flush=True)
 
     half = args.steps // 2
     print(f"2. pretrain on 2 CPU ranks (ZeRO-2, bf16, checkpointing), {args.steps} steps, interrupted at {half}")

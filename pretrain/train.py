@@ -185,7 +185,7 @@ def train(cfg: Config) -> dict:
     step, samples_seen, skipped = 0, 0, 0
     if resume:
         _, client = engine.load_checkpoint(str(resume[0]), tag=resume[1])
-        step, samples_seen, skipped = client["step"], client["samples_seen"], client["skipped_steps"]
+        step, samples_seen, skipped = client["step"], client["samples_seen"], client["nonfinite_steps"]
         loader.load_state_dict(client["stream"])
         if len(client["rng"]) == world:
             set_rng_state(client["rng"][rank], mix_gen)
@@ -205,7 +205,7 @@ def train(cfg: Config) -> dict:
         client = {
             "step": at_step,
             "samples_seen": samples_seen,
-            "skipped_steps": skipped,
+            "nonfinite_steps": skipped,  # not "skipped_steps": DeepSpeed keeps that key for itself
             "stream": gather(loader.state_dict()),
             "rng": gather(rng_state(mix_gen)),
             # lets `ds_to_universal` (pretrain.universal) convert this checkpoint for another world size

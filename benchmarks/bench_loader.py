@@ -1,0 +1,134 @@
+"""Input-stream throughput: this stream against torchvision `ImageFolder` + `DataLoader`, and against decode-only.
+
+All three read the same realistic JPEGs (ImageNet-sized 500x375 crops of scikit-learn's sample photos, written by
+`data_tools.digits.write_photos`, sharded with the original bytes kept), measured two ways: with ONE loader worker
+each (images/s per worker, wall clock), and in-process with one torch thread (images per CPU-second of the process,
+i.e. per core; robust when other jobs share the machine). Training transform on both sides: Inception
+RandomResizedCrop to 224 + horizontal flip.
+  baseline: ImageFolder (PIL decode) -> RandomResizedCrop -> RandomHorizontalFlip -> ToTensor -> Normalize
+  ours:     shards -> shuffle buffer -> decode_jpeg (libjpeg-turbo) -> resized_crop on uint8 -> flip -> uint8 batch
+  ceiling:  read the same files and decode them with torchvision.io.decode_jpeg, nothing else
+Each side runs 3 times, alternating, and keeps its best figure; the first batch (worker start-up) is not timed.
+
+    python -m benchmarks.bench_loader [--full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from data_tools.digits import write_photos
+from data_tools.shard import shard
+from pretrain.config import DataConfig
+from pretrain.data import build_train_loader
+
+IMG, BATCH = 224, 32
+
+
+def _timed(batches, n_batches: int, workers: int) -> float:
+    """Images/s over `n_batches` batches after the first one: wall clock with a worker process, else CPU time."""
+    clock = time.perf_counter if workers else time.process_time
+    it = iter(batches)
+    next(it)
+    start, images = clock(), 0
+    for _ in range(n_batches):
+        b = next(it)
+        images += (b["image"] if isinstance(b, dict) else b[0]).shape[0]
+    return images / (clock() - start)
+
+
+def _baseline(folder: Path, n_batches: int, workers: int) -> float:
+    tf = T.Compose([
+        T.RandomResizedCrop(IMG, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
+        T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ])  # fmt: skip
+    dl = DataLoader(datasets.ImageFolder(str(folder), transform=tf), batch_size=BATCH, shuffle=True,
+                    num_workers=workers, persistent_workers=workers > 0, drop_last=True)  # fmt: skip
+    return _timed(_forever(dl), n_batches, workers)
+
+
+def _ours(shards: Path, n_batches: int, workers: int) -> tuple[float, float]:
+    cfg = DataConfig(train_shards=str(shards), num_workers=workers, shuffle_buffer=256)
+    loader = build_train_loader(cfg, img_size=IMG, batch_size=BATCH, seed=0, pin_memory=False)
+    rate = _timed(loader, n_batches, workers)
+    return rate, loader.stats()["data_wait_fraction"]
+
+
+class _DecodeOnly(Dataset):
+    def __init__(self, folder: Path):
+        self.files = sorted(folder.rglob("*.jpg"))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        data = torch.frombuffer(bytearray(self.files[i].read_bytes()), dtype=torch.uint8)
+        return torch.tensor(decode_jpeg(data, mode=ImageReadMode.RGB).shape)  # decoded, then only the shape travels
+
+
+def _stack(xs: list[torch.Tensor]) -> tuple[torch.Tensor]:
+    return (torch.stack(xs),)
+
+
+def _decode_only(folder: Path, n_batches: int, workers: int) -> float:
+    dl = DataLoader(_DecodeOnly(folder), batch_size=BATCH, shuffle=True, num_workers=workers,
+                    persistent_workers=workers > 0, drop_last=True, collate_fn=_stack)  # fmt: skip
+    return _timed(_forever(dl), n_batches, workers)
+
+
+def _forever(dl):
+    while True:
+        yield from dl
+
+
+def run(quick: bool = True) -> dict:
+    """Measure the three pipelines, per worker (wall clock) and per core (CPU time); returns the figures and ratios."""
+    per_class, n_batches, repeats = (40, 12, 3) if quick else (125, 40, 3)
+    torch.set_num_threads(1)  # per-core figures: no intra-op threads in the in-process runs
+    tmp = Path(tempfile.mkdtemp(prefix="bench_loader-"))
+    out: dict = {"images": 4 * per_class, "img_size": IMG, "batch_size": BATCH}
+    try:
+        photos = write_photos(tmp / "photos", classes=4, per_class=per_class, size=(500, 375))
+        shard(photos, tmp / "shards", workers=2, samples_per_shard=64, progress=False)
+        for label, workers in (("per_worker", 1), ("per_cpu_s", 0)):
+            best = {"imagefolder": 0.0, "stream": 0.0, "decode_only": 0.0}
+            for _ in range(repeats):  # alternate, keep each side's best: load from other processes hits all sides
+                best["imagefolder"] = max(best["imagefolder"], _baseline(photos, n_batches, workers))
+                rate, wait = _ours(tmp / "shards", n_batches, workers)
+                if workers and rate > best["stream"]:  # the consumer does nothing: the wait is all data time
+                    out["stream_data_wait_fraction"] = round(wait, 3)
+                best["stream"] = max(best["stream"], rate)
+                best["decode_only"] = max(best["decode_only"], _decode_only(photos, n_batches, workers))
+            out.update({f"{k}_img_{label}": round(v, 1) for k, v in best.items()})
+            out[f"ratio_vs_imagefolder_{label}"] = round(best["stream"] / best["imagefolder"], 2)
+            out[f"ratio_vs_decode_only_{label}"] = round(best["stream"] / best["decode_only"], 2)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--full", action="store_true", help="more images and batches (slower, steadier)")
+    args = p.parse_args(argv)
+    r = run(quick=not args.full)
+    print(json.dumps(r, indent=2))
+    for label, what in (("per_worker", "images/s per worker (wall clock)"), ("per_cpu_s", "images per CPU-second")):
+        print(f"stream / ImageFolder, {what}: {r[f'ratio_vs_imagefolder_{label}']:.2f}x (target >= 1.8x)")
+        print(f"stream / decode-only, {what}: {r[f'ratio_vs_decode_only_{label}']:.2f}x (target >= 0.6x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,28 @@
+"""Input stream: WebDataset shards -> uint8 training batches, equal across ranks, exactly resumable.
+
+See docs/stream.md. Public API:
+    build_train_loader, build_eval_loader, TrainLoader, EvalLoader  (loader.py)
+    resolve_shards, ShardList, ShardError                            (shards.py)
+    normalize, to_targets, mixup, TrainTransform, EvalTransform      (transforms.py)
+"""
+
+from pretrain.data.loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader, unfinished
+from pretrain.data.shards import ShardError, ShardList, count_samples, resolve_shards
+from pretrain.data.transforms import EvalTransform, TrainTransform, mixup, normalize, to_targets
+
+__all__ = [
+    "EvalLoader",
+    "EvalTransform",
+    "ShardError",
+    "ShardList",
+    "TrainLoader",
+    "TrainTransform",
+    "build_eval_loader",
+    "build_train_loader",
+    "count_samples",
+    "mixup",
+    "normalize",
+    "resolve_shards",
+    "to_targets",
+    "unfinished",
+]

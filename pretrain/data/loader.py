@@ -1,0 +1,309 @@
+"""Per-rank loaders: the training stream with state_dict / load_state_dict and throughput meters, and evaluation.
+
+loader = build_train_loader(cfg.data, img_size=224, batch_size=64, rank=r, world_size=w, seed=cfg.run.seed)
+loader.load_state_dict(all_ranks_states)       # optional, before iterating
+for batch in loader:                            # infinite: epochs follow each other
+    x = normalize(batch["image"].to(dev, non_blocking=True), cfg.data.mean, cfg.data.std, torch.bfloat16)
+    ...
+    states = all_gather_object(loader.state_dict())   # stored in the checkpoint
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from pretrain.data.evalstream import EvalStream, eval_batches_per_worker
+from pretrain.data.shards import ShardError, ShardList, resolve_shards
+from pretrain.data.stream import (
+    StreamSpec,
+    TrainStream,
+    batches_per_rank,
+    merge,
+    slot_range,
+    virtual_runs,
+    worker_quotas,
+)
+from pretrain.data.transforms import EvalTransform, TrainTransform
+
+STATE_VERSION = 1
+
+
+def _dataloader(ds, num_workers: int, pin_memory: bool | None, prefetch: int) -> DataLoader:
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return DataLoader(
+        ds,
+        batch_size=None,  # workers yield whole batches
+        num_workers=num_workers,
+        pin_memory=pin,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch if num_workers > 0 else None,
+    )
+
+
+class TrainLoader:
+    """Training batches of one rank: {"image": uint8 (B, 3, S, S), "label": int64 (B,) or (B, K), "key": [str]}.
+
+    Iterate it once (the iterator is infinite); `state_dict()` describes the batches consumed so far.
+    """
+
+    def __init__(self, shards: ShardList, spec: StreamSpec, num_workers: int, pin_memory=None, prefetch: int = 2):
+        if spec.mode == "epoch" and shards.lengths is None:
+            raise ShardError(
+                "epoch mode needs per-shard sample counts: use a folder with _info.json or data.mode=resampled"
+            )
+        self.shards, self.spec, self.num_workers = shards, spec, num_workers
+        self.slots = max(1, num_workers)
+        self.pin_memory, self.prefetch = pin_memory, prefetch
+        self.num_classes, self.class_names = shards.num_classes, shards.class_names
+        self._resume: dict | None = None
+        self._started = False
+        self._epoch, self._k, self._reseed = 0, 0, 0
+        self._segment = [[0, shards.num_samples or 0]]
+        self._new_epoch_workers()
+        self._counters = [_zero_counters() for _ in range(self.slots)]
+        self._base = {"bad_samples": 0, "bad_shards": 0}
+        self._wait, self._images, self._t0 = 0.0, 0, time.perf_counter()
+
+    def _new_epoch_workers(self) -> None:
+        self._workers = [{"watermark": 0, "raw": 0} for _ in range(self.slots)]
+
+    @property
+    def batches_per_epoch(self) -> int | None:
+        """Batches per rank in a full epoch (None in resampled mode)."""
+        s = self.spec
+        return (
+            None if s.mode == "resampled" else batches_per_rank(sum(s.lengths), s.world_size, s.batch_size, s.remainder)
+        )
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._started:
+            raise RuntimeError("a TrainLoader is iterated once (its iterator is infinite); keep the iterator")
+        self._started = True
+        dl = _dataloader(TrainStream(self.spec, self.num_workers, self._resume), self.num_workers,
+                         self.pin_memory, self.prefetch)  # fmt: skip
+        while True:
+            it, t0 = iter(dl), time.perf_counter()
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                except BaseException:
+                    _shutdown(it)  # stop the other workers now, rather than at garbage collection
+                    raise
+                t1 = time.perf_counter()
+                self._wait += t1 - t0
+                self._consume(batch.pop("_meta"))
+                self._images += batch["image"].shape[0]
+                yield batch
+                t0 = time.perf_counter()
+            if self.spec.mode == "resampled":
+                return
+            self._base = self.bad_counts()  # worker counters restart with every epoch
+            self._counters = [_zero_counters() for _ in range(self.slots)]
+            self._epoch, self._k = self._epoch + 1, 0
+            self._segment = [[0, sum(self.spec.lengths)]]
+            self._new_epoch_workers()
+
+    def _consume(self, meta: dict) -> None:
+        w = meta["worker"]
+        self._k += 1
+        self._workers[w] = {"watermark": meta["watermark"], "raw": meta["raw"]}
+        self._counters[w] = {k: meta[k] for k in ("bad_samples", "bad_shards", "last_bad_shard")}
+        bad = self._base["bad_shards"] + sum(c["bad_shards"] for c in self._counters)
+        if bad > self.spec.max_bad_shards:
+            raise RuntimeError(
+                f"{bad} bad shards on rank {self.spec.rank} (limit data.max_bad_shards={self.spec.max_bad_shards}); "
+                f"the last was {meta['last_bad_shard']}. Check the shards with `python -m data_tools verify`"
+            )
+
+    def stats(self, reset: bool = True) -> dict:
+        """images_per_s and data_wait_fraction (time spent waiting in next() / wall time) since the last reset."""
+        now = time.perf_counter()
+        dt = max(now - self._t0, 1e-9)
+        out = {"images_per_s": self._images / dt, "data_wait_fraction": min(1.0, self._wait / dt), **self.bad_counts()}
+        if reset:
+            self._wait, self._images, self._t0 = 0.0, 0, now
+        return out
+
+    def bad_counts(self) -> dict:
+        """Bad samples and shards skipped on this rank so far (also stored in the state)."""
+        return {k: self._base[k] + sum(c[k] for c in self._counters) for k in ("bad_samples", "bad_shards")}
+
+    def state_dict(self) -> dict:
+        """This rank's position; gather it from all ranks and pass the list to `load_state_dict` on resume."""
+        s = self.spec
+        return {
+            "version": STATE_VERSION,
+            "mode": s.mode,
+            "seed": s.seed,
+            "remainder": s.remainder,
+            "batch_size": s.batch_size,
+            "world_size": s.world_size,
+            "rank": s.rank,
+            "num_workers": self.slots,
+            "epoch": self._epoch,
+            "batches": self._k,
+            "reseed": self._reseed,
+            "segment": [list(x) for x in self._segment],
+            "workers": [dict(w, **c) for w, c in zip(self._workers, self._counters, strict=True)],
+            **self.bad_counts(),
+        }
+
+    def load_state_dict(self, states: list[dict] | dict) -> None:
+        """Continue where the saved run stopped.
+
+        Same world size, workers and batch size: the batches continue bit for bit. Otherwise (epoch mode) every
+        position of the epoch not yet consumed on any old rank is read again by the new layout: nothing is skipped;
+        a few samples (at most a shuffle buffer and a batch per old worker) are repeated once.
+
+        Args:
+            states: `state_dict()` of every rank of the saved run (a single dict for a one-rank run).
+        """
+        if self._started:
+            raise RuntimeError("load_state_dict must be called before iterating the loader")
+        states = [states] if isinstance(states, dict) else sorted(states, key=lambda st: st["rank"])
+        s, old = self.spec, states[0]
+        if old.get("version") != STATE_VERSION or old["mode"] != s.mode:
+            raise ValueError(
+                f"stream state is for mode={old['mode']!r} version {old.get('version')}; this run uses {s.mode!r}"
+            )
+        if [st["rank"] for st in states] != list(range(old["world_size"])):
+            raise ValueError(
+                f"need the stream state of all {old['world_size']} ranks, got ranks {[st['rank'] for st in states]}"
+            )
+        same = all(
+            (st["world_size"], st["num_workers"], st["batch_size"], st["remainder"], st["seed"])
+            == (s.world_size, self.slots, s.batch_size, s.remainder, s.seed)
+            for st in states
+        )
+        if same:
+            mine = states[s.rank]
+            k = mine["batches"]
+            self._epoch, self._k, self._segment, self._reseed = mine["epoch"], k, mine["segment"], mine["reseed"]
+            self._workers = [{"watermark": w["watermark"], "raw": w["raw"]} for w in mine["workers"]]
+            self._counters = [
+                {x: w[x] for x in ("bad_samples", "bad_shards", "last_bad_shard")} for w in mine["workers"]
+            ]
+            self._base = {x: mine[x] - sum(c[x] for c in self._counters) for x in ("bad_samples", "bad_shards")}
+            self._resume = {
+                "epoch": self._epoch,
+                "segment": self._segment,
+                "skip_raw": [w["raw"] for w in self._workers],
+                "skip_batches": [k // self.slots + (w < k % self.slots) for w in range(self.slots)],
+                "counters": self._counters,
+                "reseed": self._reseed,
+                "shift": k % self.slots,
+            }
+            return
+        # a different layout: carry the counts over (summed onto new ranks), then re-split the unfinished work
+        self._base = {
+            x: sum(st[x] for st in states if st["rank"] % s.world_size == s.rank) for x in ("bad_samples", "bad_shards")
+        }
+        if s.mode == "resampled":  # no positions to track: a fresh stream with a new seed
+            self._reseed = old["reseed"] + sum(st["batches"] for st in states) + 1
+            self._resume = {"reseed": self._reseed, "skip_raw": [0] * self.slots, "shift": 0}
+            return
+        self._epoch, self._k, self._segment = old["epoch"], 0, unfinished(states)
+        if not self._segment:
+            self._epoch, self._segment = self._epoch + 1, [[0, sum(s.lengths)]]
+        zeros = [0] * self.slots
+        self._resume = {"epoch": self._epoch, "segment": self._segment, "skip_raw": zeros, "skip_batches": zeros}
+
+
+def _shutdown(it) -> None:
+    if hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+
+
+def _zero_counters() -> dict:
+    return {"bad_samples": 0, "bad_shards": 0, "last_bad_shard": ""}
+
+
+def unfinished(states: list[dict]) -> list[list[int]]:
+    """Epoch positions not yet consumed on any rank of a saved run (all ranks' states, same epoch and segment)."""
+    old = states[0]
+    segment, batch, world, slots = old["segment"], old["batch_size"], old["world_size"], old["num_workers"]
+    if any(st["epoch"] != old["epoch"] or st["segment"] != segment for st in states):
+        raise ValueError("the ranks' stream states disagree on the epoch; they must come from the same step")
+    r = sum(b - a for a, b in segment)
+    n = batches_per_rank(r, world, batch, old["remainder"])
+    quotas = worker_quotas(n, slots)
+    todo: list[tuple[int, int]] = []
+    for st in states:
+        for w in range(slots):
+            v0, v1 = slot_range(st["rank"], w, n, quotas, batch)
+            lo, hi = v0 + st["workers"][w]["watermark"], min(v1, r)  # virtual positions >= r are wrapped repeats
+            if lo < hi:
+                todo += [(g0, g1) for g0, g1, _ in virtual_runs(segment, lo, hi)]
+    if world * n * batch < r:  # the dropped tail of the segment was never assigned
+        todo += [(g0, g1) for g0, g1, _ in virtual_runs(segment, world * n * batch, r)]
+    return merge(todo)
+
+
+class EvalLoader:
+    """Evaluation batches of one rank: {"image", "label", "mask": bool (B,), "key"}; `len()` equal on all ranks."""
+
+    def __init__(self, shards: ShardList, spec: StreamSpec, num_workers: int, pin_memory=None, prefetch: int = 2):
+        if shards.lengths is None:
+            raise ShardError(
+                "evaluation needs per-shard sample counts: point data.val_shards at a folder with _info.json"
+            )
+        self.shards, self.spec, self.slots = shards, spec, max(1, num_workers)
+        self.num_classes, self.class_names = shards.num_classes, shards.class_names
+        self.num_samples = sum(shards.lengths)
+        self.last_bad_counts = {"bad_samples": 0, "bad_shards": 0}
+        """Bad samples / shards met by the latest (or current) pass."""
+        self._dl = _dataloader(EvalStream(spec, num_workers), num_workers, pin_memory, prefetch)
+
+    def __len__(self) -> int:
+        return self.slots * eval_batches_per_worker(
+            self.num_samples, self.spec.world_size * self.slots, self.spec.batch_size
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        counters: dict[int, dict] = {}
+        for batch in self._dl:
+            meta = batch.pop("_meta")
+            counters[meta["worker"]] = meta
+            self.last_bad_counts = {k: sum(c[k] for c in counters.values()) for k in ("bad_samples", "bad_shards")}
+            yield batch
+
+
+def build_train_loader(
+    cfg, *, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+    multilabel: bool = False, num_workers: int | None = None, pin_memory: bool | None = None,
+) -> TrainLoader:  # fmt: skip
+    """The training loader of one rank from a `DataConfig` (`cfg.train_shards`, mode, augmentation, ...)."""
+    shards = resolve_shards(cfg.train_shards, cfg.train_split, count=cfg.mode == "epoch")
+    transform = TrainTransform(img_size, cfg.crop_scale_min, cfg.hflip, cfg.randaugment_ops, cfg.randaugment_magnitude)
+    spec = StreamSpec(
+        shards.urls, shards.lengths, batch_size, rank, world_size, seed, transform, cfg.mode, cfg.remainder,
+        cfg.shuffle_buffer, cfg.max_bad_shards, multilabel, img_size,
+    )  # fmt: skip
+    workers = cfg.num_workers if num_workers is None else num_workers
+    return TrainLoader(shards, spec, workers, pin_memory)
+
+
+def build_eval_loader(
+    cfg, *, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1, multilabel: bool = False,
+    num_workers: int | None = None, pin_memory: bool | None = None,
+) -> EvalLoader | None:  # fmt: skip
+    """The evaluation loader of one rank (None when `cfg.val_shards` is empty)."""
+    if not cfg.val_shards:
+        return None
+    shards = resolve_shards(cfg.val_shards, cfg.val_split)
+    spec = StreamSpec(
+        shards.urls, shards.lengths, batch_size, rank, world_size, 0, EvalTransform(img_size, cfg.eval_crop_pct),
+        "epoch", "drop", 1, cfg.max_bad_shards, multilabel, img_size,
+    )  # fmt: skip
+    workers = cfg.num_workers if num_workers is None else num_workers
+    return EvalLoader(shards, spec, workers, pin_memory)

@@ -1,0 +1,174 @@
+"""Export a ZeRO checkpoint's fp32 master weights to timm, torchvision or Hugging Face transformers.
+
+    python -m pretrain.export RUN_OR_CHECKPOINTS_DIR OUT --format timm|torchvision|hf \\
+        [--tag TAG] [--dtype float32|bfloat16] [--head keep|drop] [--img-size S]
+
+Steps: pick the checkpoint (newest complete tag, or `--tag`), list its tensors from the shard headers, map every
+name to the target format (on `meta` tensors, for the safetensors header), then stream: rebuild one fp32
+parameter from the rank shards (`zero.py`), rename / split / resample / cast it (`formats.py`), append it to
+`model.safetensors`. Everything is written into a temporary folder that is renamed to OUT only at the end.
+See docs/export.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.checkpoint import META, checkpoints_dir, complete_tags, newest_complete
+from pretrain.export.formats import (
+    DTYPES,
+    FORMATS,
+    ExportError,
+    ExportOptions,
+    check_options,
+    expected_shapes,
+    map_tensor,
+    metadata_files,
+    target_args,
+)
+from pretrain.export.safetensors_stream import write_safetensors
+from pretrain.export.zero import ZeroCheckpoint, ZeroCheckpointError
+from pretrain.fsutil import atomic_path
+from pretrain.model import ViTArgs
+
+__all__ = ["DTYPES", "FORMATS", "ExportError", "ExportOptions", "ExportResult", "export_checkpoint", "find_checkpoint"]
+
+WEIGHTS = "model.safetensors"
+_STEP_TAG = re.compile(r"^step_\d+$")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote."""
+
+    out: Path
+    """The output folder."""
+    tag_dir: Path
+    """The checkpoint tag folder that was read."""
+    num_tensors: int
+    """Tensors in model.safetensors."""
+    num_params: int
+    """Elements in model.safetensors."""
+    seconds: float
+    """Wall time of the export."""
+
+
+def find_checkpoint(path: str | Path, tag: str | None = None) -> Path:
+    """The complete tag folder to export from a run folder, its `checkpoints/` folder or a tag folder.
+
+    Without `tag`: `latest` if it names a complete tag, else the highest complete step. A tag folder without
+    `pretrain_meta.json` (the run died while saving) is never picked. Raises ExportError with the fix.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise ExportError(f"{p} is not a folder; pass a run folder or its checkpoints/ folder")
+    if tag is None and (p / META).is_file():  # a tag folder itself
+        return p
+    if tag is None and _STEP_TAG.match(p.name):
+        raise ExportError(
+            f"{p} is an incomplete checkpoint (no {META}: the run died while saving it); use an older tag"
+        )
+    ckpt_dir = checkpoints_dir(p)
+    complete = [t for _, t in complete_tags(ckpt_dir)]
+    if tag is not None:
+        d = ckpt_dir / tag
+        if not d.is_dir():
+            have = ", ".join(complete[-5:]) or "none"
+            raise ExportError(f"tag {tag!r} does not exist in {ckpt_dir}; complete tags: {have}")
+        if not (d / META).is_file():
+            raise ExportError(f"tag {tag!r} is incomplete (no {META}: the run died while saving it); use an older tag")
+        return d
+    found = newest_complete(ckpt_dir)
+    if found is None:
+        if any(_STEP_TAG.match(d.name) for d in ckpt_dir.iterdir() if d.is_dir()):
+            raise ExportError(
+                f"{ckpt_dir} holds only incomplete checkpoints (no {META}: the run died while saving); "
+                "resume training to write a complete one"
+            )
+        raise ExportError(f"{p} is not a checkpoint folder (no tag with {META}); pass a run folder or its checkpoints/")
+    return ckpt_dir / found
+
+
+def _read_meta(tag_dir: Path) -> tuple[dict[str, Any], ViTArgs]:
+    try:
+        meta = json.loads((tag_dir / META).read_text())
+        known = {f.name for f in fields(ViTArgs)}
+        args = ViTArgs(**{k: v for k, v in meta["model_args"].items() if k in known})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{tag_dir / META} is unreadable or lacks model_args ({e}); the checkpoint is damaged") from e
+    return meta, args
+
+
+def _check_out(out: Path) -> None:
+    """Only replace an earlier export: never a folder of something else a user mistyped as OUT."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is a file; choose a folder name for OUT")
+    if out.is_dir() and any(out.iterdir()) and not (out / "export_info.json").is_file():
+        raise ExportError(f"{out} exists and is not an earlier export; choose a new folder or remove it")
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    format: str,
+    tag: str | None = None,
+    dtype: str = "float32",
+    head: str = "keep",
+    img_size: int | None = None,
+) -> ExportResult:
+    """Export one checkpoint to `out` (a folder) in `format`; see the module docstring and docs/export.md."""
+    t0 = time.perf_counter()
+    opts = ExportOptions(format=format, dtype=dtype, head=head, img_size=img_size)
+    out = Path(out)
+    _check_out(out)
+    tag_dir = find_checkpoint(checkpoint, tag)
+    meta, args = _read_meta(tag_dir)
+    check_options(args, opts)
+    new_args = target_args(args, opts)
+    with ZeroCheckpoint(tag_dir) as ckpt:
+        shapes = ckpt.shapes()
+        want = expected_shapes(args)
+        wrong = [k for k in want if k not in shapes or tuple(shapes[k][0]) != tuple(want[k])]
+        extra = [k for k in shapes if k not in want]
+        if wrong or extra:
+            raise ExportError(
+                f"{tag_dir} does not hold the model its {META} describes (first mismatch: {(wrong + extra)[0]}); "
+                "the checkpoint is damaged"
+            )
+        # Output names, shapes and dtypes, known before any weight is read (meta tensors carry no data).
+        plan = {
+            k: (t.shape, t.dtype)
+            for name, (shape, dt) in shapes.items()
+            for k, t in map_tensor(name, torch.empty(shape, dtype=dt, device="meta"), args, opts)
+        }
+
+        def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in ckpt.tensors():
+                yield from map_tensor(name, tensor, args, opts)
+
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            info = {"format": "pt", "source": "pretrain.export", "tag": tag_dir.name, "export_format": format}
+            write_safetensors(tmp / WEIGHTS, plan, stream(), info)
+            for name, content in metadata_files(new_args, meta, opts).items():
+                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+    return ExportResult(
+        out=out,
+        tag_dir=tag_dir,
+        num_tensors=len(plan),
+        num_params=sum(int(torch.Size(s).numel()) for s, _ in plan.values()),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean bad input (a one-line message, exit code 2), not a bug."""
+    return (ExportError, ZeroCheckpointError)

@@ -4,6 +4,8 @@
 2. `deepspeed --num_gpus 2 --module pretrain.train` with configs/tiny_digits.yaml (ZeRO-2, bf16, gradient
    checkpointing), interrupted half-way on purpose (SIGTERM to the launcher), then resumed from its checkpoint.
 3. Prints the held-out top-1 of the finished run (10 classes: chance is 10%).
+4. Exports the run for timm, torchvision and transformers and checks their outputs equal ours.
+5. Fine-tunes the exported backbone with accelerate, against the same model trained from scratch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from data_tools.digits import write_digits
 from data_tools.shard import shard
 from data_tools.summary import format_summary
 from pretrain.checkpoint import newest_complete
+from pretrain.demo_downstream import check_libraries, finetune_compare
 from pretrain.plot import plot, read_metrics
 
 CONFIG = "configs/tiny_digits.yaml"
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pretrain.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--finetune-steps", type=int, default=60)
     args = p.parse_args(argv)
     t0 = time.time()
     out = args.out
@@ -78,10 +82,21 @@ def main(argv: list[str] | None = None) -> int:
     png = plot(run, run / "curves.png")
     print(f"3. held-out top-1 after {args.steps} steps: {top1:.1%} on {evals[-1]['samples']} images (chance 10%)")
     print(f"   curves: {png}; metrics: {run / 'metrics.jsonl'}; checkpoints: {run / 'checkpoints'}")
-    print(f"   demo took {time.time() - t0:.0f} s")
     if top1 < TARGET_TOP1:
         print(f"error: top-1 {top1:.1%} is below the demo's target of {TARGET_TOP1:.0%}", file=sys.stderr)
         return 1
+
+    print("4. export -> timm, torchvision, transformers: max |logit difference| against this project's model")
+    diffs = check_libraries(run, out / "exports", digits)
+    print("   " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()), flush=True)
+    if max(diffs.values()) > 1e-4:
+        print("error: an exported model disagrees with ours by more than 1e-4", file=sys.stderr)
+        return 1
+
+    print(f"5. fine-tune with accelerate ({args.finetune_steps} steps): exported backbone vs the same model, scratch")
+    res = finetune_compare(run, out / "exports", shards, args.finetune_steps)
+    print(f"   held-out top-1: fine-tuned {res['finetuned']:.1%}, from scratch {res['scratch']:.1%}")
+    print(f"   demo took {time.time() - t0:.0f} s")
     return 0
 
 

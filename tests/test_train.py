@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,9 +44,20 @@ def launch(shards: Path, out: Path, *extra: str, env: dict | None = None, timeou
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain.train",
            "--config", "configs/tiny_digits.yaml", f"data.train_shards={shards}", f"data.val_shards={shards}",
            f"run.output_dir={out}", *BASE, *extra]  # fmt: skip
-    proc = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
-    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
-    return proc.returncode
+    return run_logged(cmd, out.parent / f"{out.name}.log", env, timeout)
+
+
+def run_logged(cmd: list[str], log: Path, env: dict | None = None, timeout: int = 400) -> int:
+    """Run a launcher in its own process group, so that a timeout kills its ranks too; output goes to `log`."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -132,8 +144,14 @@ def test_two_nodes_over_loopback(digits_shards, tmp_path):
                "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "pretrain.train",
                "--config", "configs/tiny_digits.yaml", f"data.train_shards={digits_shards}",
                f"data.val_shards={digits_shards}", f"run.output_dir={out}", *BASE, "train.steps=3"]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=400)[0] for p in procs]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))  # fmt: skip
+    try:
+        logs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:]
     meta = json.loads((out / "checkpoints" / "step_00000003" / "pretrain_meta.json").read_text())
     assert meta["world_size"] == 2
@@ -149,7 +167,7 @@ def test_missing_shard_folder_fails_fast_under_the_launcher(tmp_path):
 def test_bad_config_and_missing_shards_exit_2_with_one_line(tmp_path, capsys, digits_shards):
     assert main(["--config", "configs/tiny_digits.yaml", "train.stepz=3"]) == 2
     assert main(["--config", "configs/tiny_digits.yaml", f"data.train_shards={tmp_path / 'nope'}"]) == 2
-    assert main(["--config", "configs/tiny_digits.yaml", f"data.train_shards={digits_shards}",
+    assert main(["--config", "configs/tiny_digits.yaml", f"data.train_shards={digits_shards}", "data.val_shards=",
                  "model.num_classes=7"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
@@ -157,7 +175,7 @@ def test_bad_config_and_missing_shards_exit_2_with_one_line(tmp_path, capsys, di
 
 
 def test_resume_into_another_model_shape_is_refused(reference, digits_shards, capsys):
-    rc = main(["--config", "configs/tiny_digits.yaml", f"data.train_shards={digits_shards}",
+    rc = main(["--config", "configs/tiny_digits.yaml", f"data.train_shards={digits_shards}", "data.val_shards=",
                f"run.output_dir={reference}", "model.img_size=48"])  # fmt: skip
     assert rc == 2
     assert "another shape" in capsys.readouterr().err
@@ -180,9 +198,9 @@ def test_resume_on_another_world_size_through_universal_checkpoint(reference, di
     cmd = [sys.executable, "-m", "pretrain.train", "--config", "configs/tiny_digits.yaml",
            f"data.train_shards={digits_shards}", f"data.val_shards={digits_shards}", f"run.output_dir={run}",
            f"train.resume={uni}", *BASE]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout
+    log = tmp_path / "resized.log"
+    assert run_logged(cmd, log) == 0, log.read_text()[-3000:]
+    assert "resumed from" in log.read_text()
     meta = json.loads((run / "checkpoints" / "step_00000008" / "pretrain_meta.json").read_text())
     assert meta["world_size"] == 1
     # same weights at step 4, other batches after it: the first resumed loss is close to the 2-rank run's

@@ -128,7 +128,7 @@ def zero_memory(quick: bool) -> list[dict]:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
         )
-        found = [json.loads(m) for m in re.findall(r"ZEROMEM (\{.*\})", proc.stdout)]
+        found = [json.loads(m) for m in re.findall(r"ZEROMEM (\{[^{}]*\})", proc.stdout)]
         if proc.returncode or len(found) != 2:
             raise RuntimeError(f"ZeRO-{stage} memory run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         measured = max(f["bytes"] for f in found)

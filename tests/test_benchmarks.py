@@ -1,0 +1,129 @@
+"""The benchmark suite (`python -m benchmarks`) and the pure parts of the GPU benchmark, on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_gpu
+from benchmarks.__main__ import REGISTRY, format_table, main
+from pretrain.model import resolve_args, train_flops_per_image
+
+ROOT = Path(__file__).resolve().parents[1]
+MACHINE_KEYS = {"cpu", "cores", "memory_gib", "gpu", "gpu_count", "torch", "deepspeed", "webdataset", "timm",
+                "git_commit"}  # fmt: skip
+ROW_KEYS = {"name", "metric", "ours", "baseline", "unit", "ratio", "target"}
+
+
+# ------------------------------------------------------------------------------------------ bench_gpu, pure parts
+
+
+def test_mfu_arithmetic():
+    # 1,000 images/s of ViT-L/16 on an H100: 1000 x ~1.2e11 FLOPs / 989e12 -> about 12 %
+    flops = train_flops_per_image(resolve_args("vit_large_patch16"))
+    assert bench_gpu.mfu(1000.0, flops, 989e12) == pytest.approx(1000.0 * flops / 989e12)
+    assert bench_gpu.mfu(2.0, 3.0, 12.0) == 0.5
+    assert bench_gpu.mfu(1000.0, flops, None) is None  # unknown peak (CPU, other GPUs): n/a, not a wrong number
+
+
+def test_device_family_and_targets():
+    assert bench_gpu.device_family("NVIDIA H100 80GB HBM3") == "H100"
+    assert bench_gpu.device_family("NVIDIA A100-SXM4-40GB") == "A100"
+    assert bench_gpu.device_family("NVIDIA H200") == "H200"
+    assert bench_gpu.device_family("NVIDIA GeForce RTX 4090") is None
+    assert bench_gpu.mfu_target("H100", "vit_large_patch16")[0] == 0.50  # the project's goal
+    assert bench_gpu.mfu_target("H100", "vit_base_patch16")[0] == 0.29  # NeMo, published
+    assert bench_gpu.mfu_target("A100", "vit_huge_patch14")[0] == 0.45
+    assert bench_gpu.mfu_target(None, "vit_base_patch16")[0] is None
+
+
+@pytest.mark.parametrize("limit", [0, 7, 8, 9, 15, 16, 17, 100, 1000, 1024, 4095, 16384, 20000])
+@pytest.mark.parametrize("start", [8, 64])
+def test_largest_fitting_finds_the_largest_multiple_of_step(limit, start):
+    calls = []
+
+    def fits(b: int) -> bool:
+        calls.append(b)
+        return b <= limit
+
+    got = bench_gpu.largest_fitting(fits, start=start, step=8, cap=16384)
+    assert got == min(limit, 16384) // 8 * 8
+    assert all(b % 8 == 0 and 8 <= b <= 16384 for b in calls)
+    assert len(calls) == len(set(calls)) <= 2 * math.ceil(math.log2(16384 / 8)) + 2  # each try is a real GPU step
+
+
+def test_largest_fitting_rejects_bad_start():
+    with pytest.raises(ValueError):
+        bench_gpu.largest_fitting(lambda b: True, start=12, step=8)
+
+
+def test_gpu_rows_skip_on_cpu_and_are_uniform_on_gpu():
+    skipped = bench_gpu.rows({"skipped": bench_gpu.SKIPPED})
+    assert len(skipped) == 1 and skipped[0]["metric"] == "no CUDA device: skipped" and skipped[0]["ratio"] is None
+    if not __import__("torch").cuda.is_available():
+        assert bench_gpu.run(quick=True) == {"skipped": bench_gpu.SKIPPED}
+    # a made-up GPU result: the rows must be complete and their ratios finite
+    t = {"batch": 128, "ours_img_s": 1100.0, "timm_img_s": 1000.0, "ours_mfu": 0.5, "timm_mfu": 0.45}
+    fake = {"device": "NVIDIA H100 80GB HBM3", "family": "H100", "models": {"vit_large_patch16": {
+        "throughput": t, "max_batch": {"on": 1024, "off": 256},
+        "stream": {"workers": 14, "img_s": 900.0, "synthetic_img_s": 1100.0, "data_wait_fraction": 0.18}}}}  # fmt: skip
+    rows = bench_gpu.rows(fake)
+    assert len(rows) == 4 and all(set(r) == ROW_KEYS and math.isfinite(r["ratio"]) for r in rows)
+    assert rows[1]["ratio"] == pytest.approx(0.5 / 0.45) and "50%" in rows[1]["target"]
+    assert rows[2]["ratio"] == 4.0
+    assert "data-wait 18%" in rows[3]["metric"]
+
+
+# ------------------------------------------------------------------------------------------ the suite
+
+
+def test_unknown_only_name_exits_2_with_one_line():
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "shard,nope"], cwd=ROOT, capture_output=True,
+                       text=True)  # fmt: skip
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "nope" in p.stderr and "shard, loader" in p.stderr
+    assert p.stdout == ""
+
+
+def test_only_filters_and_json_has_machine(tmp_path, capsys):
+    # `gpu` alone is instant on a CPU machine (one skipped row), so this runs the real suite path end to end.
+    out = tmp_path / "sub" / "b.json"
+    assert main(["--quick", "--only", "gpu", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["results"]) == ["gpu"] and {r["name"] for r in res["rows"]} == {"gpu"}
+    assert MACHINE_KEYS <= set(res["machine"]) and res["machine"]["cores"] >= 1
+    printed = capsys.readouterr().out
+    assert "machine:" in printed and "| benchmark |" in printed and "| target | ratio |" in printed
+    assert not list(out.parent.glob(".tmp-*"))  # atomic write left no temporary file
+
+
+def test_table_puts_ratio_last():
+    rows = [{"name": "x", "metric": "m", "ours": 2.0, "baseline": 4.0, "unit": "s", "ratio": 0.5, "target": "<= 1"}]
+    header, _, line = format_table(rows).splitlines()
+    assert header.strip("| ").split(" | ")[-1] == "ratio" and line.strip("| ").split(" | ")[-1] == "**0.50x**"
+
+
+@pytest.mark.slow
+def test_quick_suite_runs_and_ratios_are_numbers(tmp_path):
+    """The quick suite as CI runs it, minus `train` and `export` (their DeepSpeed launches take several minutes on
+    a loaded 2-core machine; `make bench` runs them). No thresholds on timing: only that every ratio is a number."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", "shard,loader,gpu", "--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert MACHINE_KEYS <= set(res["machine"])
+    assert {r["name"] for r in res["rows"]} == {"shard", "loader", "gpu"} and not res["errors"]
+    for r in res["rows"]:
+        assert set(r) == ROW_KEYS
+        if r["name"] == "gpu" and r["metric"] == bench_gpu.SKIPPED:
+            continue
+        assert isinstance(r["ratio"], float) and math.isfinite(r["ratio"]) and r["ratio"] > 0, r
+    assert set(REGISTRY) == {"shard", "loader", "train", "export", "gpu"}

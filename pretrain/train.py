@@ -213,7 +213,7 @@ def train(cfg: Config) -> dict:
         }
         dist.barrier()
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
-        _fault_point("save", at_step)
+        _kill_rank0_if("save", at_step)
         dist.barrier()  # every rank's shard is on disk before the tag is marked complete
         if rank == 0:
             ckpt.write_meta(ckpt_dir, tag, {
@@ -245,13 +245,15 @@ def train(cfg: Config) -> dict:
                 targets = to_targets(targets, num_classes)  # (B, C) soft / multi-hot
                 images, targets, _ = mixup(images, targets, cfg.data.mixup_alpha, mix_gen)
             loss = loss_fn(engine(images), targets, cfg)
+            if _fault("nan", step + 1):
+                loss = loss * float("nan")
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
             loss_sum += loss.detach()
         step += 1
         steps_since_log += 1
         samples_seen += cfg.train.global_batch_size
-        _fault_point("step", step)
+        _kill_rank0_if("step", step)
         # A non-finite gradient makes DeepSpeed skip the update (bf16/fp16 overflow check, clipping norm check).
         if engine.was_step_applied():
             in_a_row = 0
@@ -297,12 +299,17 @@ def train(cfg: Config) -> dict:
     return {"train": last_train, "eval": last_eval, "step": step}
 
 
-def _fault_point(where: str, step: int) -> None:
-    """Fault injection for the crash-safety tests: PRETRAIN_FAULT="save:4" kills rank 0 with SIGKILL in the middle
-    of the save at step 4 (after DeepSpeed wrote its files, before the tag is marked complete); "step:5" after
-    step 5. Unset in normal runs."""
-    fault = os.environ.get("PRETRAIN_FAULT")
-    if fault == f"{where}:{step}" and dist.get_rank() == 0:
+def _fault(kind: str, step: int) -> bool:
+    """Fault injection for the crash-safety tests, off unless PRETRAIN_FAULT is set: "save:4" kills rank 0 with
+    SIGKILL in the middle of the save at step 4 (after DeepSpeed wrote its files, before the tag is marked
+    complete); "step:5" kills it after step 5; "nan:3" makes step 3's loss NaN on every rank ("nan:all": every
+    step's)."""
+    name, _, at = os.environ.get("PRETRAIN_FAULT", "").partition(":")
+    return name == kind and at in (str(step), "all")
+
+
+def _kill_rank0_if(kind: str, step: int) -> None:
+    if _fault(kind, step) and dist.get_rank() == 0:
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 

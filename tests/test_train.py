@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.config import load_config
+from pretrain.engine import lr_factor
 from pretrain.train import main
 
 pytestmark = pytest.mark.slow
@@ -205,3 +207,20 @@ def test_resume_on_another_world_size_through_universal_checkpoint(reference, di
     assert meta["world_size"] == 1
     # same weights at step 4, other batches after it: the first resumed loss is close to the 2-rank run's
     assert abs(losses(run)[5] - losses(reference)[5]) < 0.2
+
+
+def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(digits_shards, tmp_path):
+    out = tmp_path / "nan_once"
+    assert launch(digits_shards, out, "train.steps=4", env={"PRETRAIN_FAULT": "nan:2"}) == 0
+    rows = {
+        r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"
+    }
+    assert [rows[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
+    # 4 steps, one skipped: the schedule advanced 3 times (DeepSpeed steps it only when the update is applied)
+    cfg = load_config("configs/tiny_digits.yaml", [*BASE, "train.steps=4"])
+    assert rows[4]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(3, cfg))
+    assert rows[4]["lr"] != pytest.approx(cfg.optim.lr * lr_factor(4, cfg))
+    out = tmp_path / "nan_always"
+    rc = launch(digits_shards, out, "train.steps=8", "train.max_nonfinite_steps=3", env={"PRETRAIN_FAULT": "nan:all"})
+    assert rc != 0
+    assert "3 steps in a row had non-finite gradients" in (tmp_path / "nan_always.log").read_text()

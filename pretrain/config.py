@@ -378,9 +378,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    return obj
+    return [_plain(v) for v in obj] if isinstance(obj, list | tuple) else obj
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pretrain.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / "tests" / "helpers" / "make_ds_checkpoint.py"
@@ -67,9 +68,7 @@ def _measure(side: str, run: Path, out: Path) -> dict:
 
 
 def _make_checkpoint(run: Path, model: str, stage: int) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(port), str(HELPER), str(run)]
     cmd += ["--stage", str(stage), "--model", model, "--num-classes", "1000", "--steps", "1", "--micro-batch", "1"]

@@ -16,13 +16,14 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from pretrain.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,9 +111,7 @@ def zero_memory(quick: bool) -> list[dict]:
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     rows = []
     for stage in (1, 2, 3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         cmd = [
             deepspeed,
             "--num_gpus",

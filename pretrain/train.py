@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from pretrain.engine import autocast_dtype, deepspeed_config, loss_fn, lr_schedu
 from pretrain.evaluate import evaluate
 from pretrain.metrics import MetricsLogger, device_peak_flops, memory_gib
 from pretrain.model import ViTArgs, create_vit, resolve_args, train_flops_per_image
+from pretrain.ports import free_port
 
 
 class TrainingError(RuntimeError):
@@ -81,9 +81,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:  # plain `python -m pretrain.train`: a single-rank world on a free local port
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,16 +21,11 @@ from safetensors.torch import load_file
 from pretrain.export import export_checkpoint
 from pretrain.export.__main__ import main
 from pretrain.model import VisionTransformer, ViTArgs
+from pretrain.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / "tests" / "helpers" / "make_ds_checkpoint.py"
 TAG = "step_00000002"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session", params=[1, 2, 3], ids=lambda s: f"zero{s}")
@@ -44,7 +38,7 @@ def zero_run(request, tmp_path_factory) -> Path:
     """
     run = tmp_path_factory.mktemp(f"zero{request.param}") / "run"
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port())]  # own port: runs may overlap
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port())]  # own port: runs may overlap
     cmd += [str(HELPER), str(run), "--stage", str(request.param)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{launcher.parent}{os.pathsep}{os.environ['PATH']}"}
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)

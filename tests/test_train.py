@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from pretrain.config import load_config
 from pretrain.engine import lr_factor
+from pretrain.ports import free_port
 from pretrain.train import main
 
 pytestmark = pytest.mark.slow
@@ -33,12 +33,6 @@ BASE = [
     "train.eval_batches=2",
     "log.tensorboard=false",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(shards: Path, out: Path, *extra: str, env: dict | None = None, timeout: int = 400) -> int:

@@ -18,7 +18,8 @@ from pretrain.finetune import finetune
 
 def sample_images(digits: Path, mean: tuple[float, ...], std: tuple[float, ...], n: int = 8) -> torch.Tensor:
     """A batch of real digits from the image folder, normalised as in training: (n, 3, 32, 32) float32."""
-    files = sorted(digits.glob("*/*.png"))[:: max(1, len(list(digits.glob("*/*.png"))) // n)][:n]
+    every = sorted(digits.glob("*/*.png"))
+    files = every[:: max(1, len(every) // n)][:n]  # spread over the classes (folders sort by class)
     x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     return (x.float() / 255 - m) / s

@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 
 from benchmarks.machine import describe, one_line
-from pretrain.fsutil import atomic_write
+from data_tools.fsutil import atomic_write
 
 
 def _row(name: str, metric: str, ours, baseline, unit: str, target: str = "") -> dict:

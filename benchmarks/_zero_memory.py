@@ -33,8 +33,8 @@ def main() -> None:
     import torch.distributed as dist
 
     from pretrain.config import load_config
-    from pretrain.engine import deepspeed_config, lr_scheduler, param_groups
-    from pretrain.model import create_vit
+    from pretrain.train.engine import deepspeed_config, lr_scheduler, param_groups
+    from pretrain.models.vit import create_vit
 
     p = argparse.ArgumentParser()
     p.add_argument("--stage", type=int, required=True)

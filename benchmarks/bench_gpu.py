@@ -6,11 +6,11 @@ The first GPU run must check it before any figure from it goes into docs/BENCHMA
 
 What it measures, all in bf16 at 224 px (ViT-H/14: 224 px, 16x16 patches of 14 px), in one process:
 
-1. Throughput on synthetic on-device data: this project's ViT (`pretrain.model.create_vit`) against timm's
+1. Throughput on synthetic on-device data: this project's ViT (`pretrain.models.vit.create_vit`) against timm's
    `VisionTransformer` of the same shape, in the same plain loop (forward, cross-entropy, backward, fused AdamW),
    interleaved rounds, best window kept. Weights in bf16 (`--precision bf16`, like DeepSpeed's bf16 mode, whose
    fp32 master copy is not part of this loop) or fp32 weights under bf16 autocast (`--precision autocast`).
-   MFU = images/s x `train_flops_per_image` / peak dense bf16 FLOP/s (`pretrain.metrics.PEAK_BF16_FLOPS`: A100
+   MFU = images/s x `train_flops_per_image` / peak dense bf16 FLOP/s (`pretrain.train.metrics.PEAK_BF16_FLOPS`: A100
    312, H100 989, H200 989 TFLOP/s). Targets: NVIDIA NeMo's ViT at about 45% MFU on A100 and 29% on H100 (derived
    from its published throughput, not measured here), and at least 50% on H100 for ViT-L/16.
 2. The largest micro-batch that fits, with and without gradient checkpointing (doubling, then bisection on
@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from pretrain.metrics import PEAK_BF16_FLOPS, device_peak_flops
-from pretrain.model import TIMM_NAMES, create_vit, resolve_args, train_flops_per_image
+from pretrain.train.metrics import PEAK_BF16_FLOPS, device_peak_flops
+from pretrain.models.vit import TIMM_NAMES, create_vit, resolve_args, train_flops_per_image
 
 MODELS = ("vit_base_patch16", "vit_large_patch16", "vit_huge_patch14")
 SHORT = {"vit_base_patch16": "ViT-B/16", "vit_large_patch16": "ViT-L/16", "vit_huge_patch14": "ViT-H/14"}

@@ -44,7 +44,7 @@ def _step_time(model, x, y, opt, steps: int) -> float:
 def ours_vs_timm(quick: bool) -> dict:
     import timm
 
-    from pretrain.model import create_vit
+    from pretrain.models.vit import create_vit
 
     depth, batch, rounds = (4, 16, 3) if quick else (12, 32, 5)
     torch.manual_seed(0)
@@ -71,7 +71,7 @@ def ours_vs_timm(quick: bool) -> dict:
 
 _CKPT_SCRIPT = """
 import re, sys, time, torch
-from pretrain.model import create_vit
+from pretrain.models.vit import create_vit
 def hwm():
     return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
 torch.manual_seed(0)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from data_tools.errors import DataToolsError
-from pretrain.fsutil import atomic_path
+from data_tools.fsutil import atomic_path
 
 DIGITS_COUNT = 1797
 DIGITS_SIZE = 32

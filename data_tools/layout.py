@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from data_tools.errors import DataToolsError
-from pretrain.fsutil import atomic_write
+from data_tools.fsutil import atomic_write
 
 INFO = "_info.json"
 SKIPPED = "_skipped.txt"

@@ -28,7 +28,7 @@ from data_tools.images import SIZE_EDGES, BadImage, ImageOptions, encode_image, 
 from data_tools.parallel import default_workers, run_tasks
 from data_tools.sources import Catalog, build_catalog, check_src, read_bytes, read_record
 from data_tools.summary import all_shards_exist, assemble_info, shard_count, summarize
-from pretrain.fsutil import atomic_path, atomic_write
+from data_tools.fsutil import atomic_path, atomic_write
 
 DEFAULT_SAMPLES_PER_SHARD = 2000
 DEFAULT_MAX_SHARD_BYTES = 512 * 1024**2

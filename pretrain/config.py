@@ -1,6 +1,6 @@
 """Typed run configuration: YAML file + dotted command-line overrides -> `Config` dataclasses.
 
-This is the single home of every setting. The DeepSpeed JSON is generated from it (`pretrain.engine`), and the
+This is the single home of every setting. The DeepSpeed JSON is generated from it (`pretrain.train.engine`), and the
 resolved config is written next to every run. Print one with:
 
     python -m pretrain.config configs/vit_b16_i21k.yaml optim.lr=3e-4 model.name=vit_large_patch16
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pretrain.fsutil import atomic_write
+from data_tools.fsutil import atomic_write
 
 
 class ConfigError(ValueError):
@@ -38,7 +38,7 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     name: str = "vit_base_patch16"
-    """Variant from `pretrain.model.VARIANTS`."""
+    """Variant from `pretrain.models.vit.VARIANTS`."""
     img_size: int | None = None
     """Input resolution; None keeps the variant's default (224)."""
     num_classes: int | None = None
@@ -289,7 +289,7 @@ def validate(cfg: Config) -> None:
         )
     if cfg.train.precision == "fp16" and cfg.train.loss == "sigmoid" and cfg.model.head_bias_init < -8:
         raise ConfigError("model.head_bias_init below -8 overflows fp16 logits' gradients; use train.precision=bf16")
-    from pretrain.model import VARIANTS  # local import: the model module imports torch, the loader does not need it
+    from pretrain.models.vit import VARIANTS  # local import: the model module imports torch, the loader does not need it
 
     if cfg.model.name not in VARIANTS:
         raise ConfigError(f"model.name={cfg.model.name!r} is unknown; choose one of {', '.join(sorted(VARIANTS))}")

@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks import bench_gpu
 from benchmarks.__main__ import REGISTRY, format_table, main
-from pretrain.model import resolve_args, train_flops_per_image
+from pretrain.models.vit import resolve_args, train_flops_per_image
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE_KEYS = {"cpu", "cores", "memory_gib", "gpu", "gpu_count", "torch", "deepspeed", "webdataset", "timm",

@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from pretrain import checkpoint as ckpt
+from pretrain.train import checkpointer as ckpt
 from pretrain.config import ConfigError, load_config
-from pretrain.engine import deepspeed_config, loss_fn, lr_factor, param_groups
-from pretrain.metrics import format_line
-from pretrain.model import create_vit, resolve_args
-from pretrain.plot import main as plot_main
+from pretrain.train.engine import deepspeed_config, loss_fn, lr_factor, param_groups
+from pretrain.train.metrics import format_line
+from pretrain.models.vit import create_vit, resolve_args
+from pretrain.train.plot import main as plot_main
 
 
 def cfg_with(*overrides):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from pretrain.export import export_checkpoint
 from pretrain.export.__main__ import main
-from pretrain.model import VisionTransformer, ViTArgs
+from pretrain.models.vit import VisionTransformer, ViTArgs
 from pretrain.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

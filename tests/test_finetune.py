@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain import finetune as ft
-from pretrain import predict
-from pretrain.backbone import export_files, load_backbone, save_backbone
-from pretrain.model import resize_pos_embed
+from pretrain.downstream import finetune as ft
+from pretrain.downstream import predict
+from pretrain.downstream.backbone import export_files, load_backbone, save_backbone
+from pretrain.models.vit import resize_pos_embed
 
 PER_CLASS = 12  # the "small labelled subset": 120 training images
 STEPS = 25  # fine-tuning steps, equal for the backbone and for scratch

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.model import TIMM_NAMES, create_vit, resize_pos_embed, resolve_args, train_flops_per_image
+from pretrain.models.vit import TIMM_NAMES, create_vit, resize_pos_embed, resolve_args, train_flops_per_image
 
 timm = pytest.importorskip("timm")
 
@@ -83,7 +83,7 @@ def test_grad_checkpointing_same_loss_and_grads(every):
 
 _PEAK_SCRIPT = """
 import re, sys, torch
-from pretrain.model import create_vit
+from pretrain.models.vit import create_vit
 def hwm():  # peak resident KiB of this process (VmHWM restarts at exec, unlike ru_maxrss)
     return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 torch.manual_seed(0)

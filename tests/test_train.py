@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from pretrain.config import load_config
-from pretrain.engine import lr_factor
+from pretrain.train.engine import lr_factor
 from pretrain.ports import free_port
-from pretrain.train import main
+from pretrain.train.__main__ import main
 
 pytestmark = pytest.mark.slow
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
@@ -181,7 +181,7 @@ def test_resume_on_another_world_size_through_universal_checkpoint(reference, di
     """2 ranks -> 1 rank: convert with pretrain.universal, resume with plain `python -m pretrain.train`."""
     import shutil
 
-    from pretrain.universal import main as universal_main
+    from pretrain.train.universal import main as universal_main
 
     run = tmp_path / "resized"
     shutil.copytree(reference, run)

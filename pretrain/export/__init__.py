@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pretrain.checkpoint import META, checkpoints_dir, complete_tags, newest_complete
+from pretrain.train.checkpointer import META, checkpoints_dir, complete_tags, newest_complete
 from pretrain.export.formats import (
     DTYPES,
     FORMATS,
@@ -36,8 +36,8 @@ from pretrain.export.formats import (
 )
 from pretrain.export.safetensors_stream import write_safetensors
 from pretrain.export.zero import ZeroCheckpoint, ZeroCheckpointError
-from pretrain.fsutil import atomic_path
-from pretrain.model import ViTArgs
+from data_tools.fsutil import atomic_path
+from pretrain.models.vit import ViTArgs
 
 __all__ = ["DTYPES", "FORMATS", "ExportError", "ExportOptions", "ExportResult", "export_checkpoint", "find_checkpoint"]
 

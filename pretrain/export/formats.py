@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pretrain.model import TIMM_NAMES, ViTArgs, resize_pos_embed
+from pretrain.models.vit import TIMM_NAMES, ViTArgs, resize_pos_embed
 
 FORMATS = ("timm", "torchvision", "hf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -1,12 +1,12 @@
-"""Write a small real DeepSpeed ZeRO checkpoint in the run layout of `pretrain.checkpoint`, for export tests and
+"""Write a small real DeepSpeed ZeRO checkpoint in the run layout of `pretrain.train.checkpointer`, for export tests and
 the export benchmark, until tests can use real `pretrain.train` runs.
 
     deepspeed --num_gpus 2 tests/helpers/make_ds_checkpoint.py RUN --stage 3 [--model vit_test_patch4] [--steps 2]
 
 Builds `create_vit(MODEL, num_classes=10)`, wraps it with the DeepSpeed JSON and AdamW parameter groups of
-`pretrain.engine` (bf16, the given ZeRO stage), takes a few optimizer steps on random data, then saves exactly as
+`pretrain.train.engine` (bf16, the given ZeRO stage), takes a few optimizer steps on random data, then saves exactly as
 the training loop does: `engine.save_checkpoint(..., save_latest=False)`, a barrier, and rank 0 writes
-`pretrain_meta.json` and `latest` (`pretrain.checkpoint.write_meta`). `RUN/config.yaml` holds the resolved config.
+`pretrain_meta.json` and `latest` (`pretrain.train.checkpointer.write_meta`). `RUN/config.yaml` holds the resolved config.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import tag_for, write_meta
+from pretrain.train.checkpointer import tag_for, write_meta
 from pretrain.config import Config, save_config
-from pretrain.engine import deepspeed_config, param_groups
-from pretrain.model import create_vit
+from pretrain.train.engine import deepspeed_config, param_groups
+from pretrain.models.vit import create_vit
 
 
 def main() -> None:

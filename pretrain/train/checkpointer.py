@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pretrain.fsutil import atomic_write
+from data_tools.fsutil import atomic_write
 
 META = "pretrain_meta.json"
 FORMAT_VERSION = 1

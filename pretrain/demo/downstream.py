@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pretrain.backbone import load_backbone
+from pretrain.downstream.backbone import load_backbone
 from pretrain.export import export_checkpoint
-from pretrain.finetune import finetune
+from pretrain.downstream.finetune import finetune
 
 
 def sample_images(digits: Path, mean: tuple[float, ...], std: tuple[float, ...], n: int = 8) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """DeepSpeed wiring: the DeepSpeed JSON generated from the typed config, parameter groups, LR schedule, losses.
 
-The model (`pretrain.model`) knows nothing of DeepSpeed; everything distributed is decided here and in
+The model (`pretrain.models.vit`) knows nothing of DeepSpeed; everything distributed is decided here and in
 `pretrain.train`.
 """
 
@@ -51,7 +51,7 @@ def deepspeed_config(cfg: Config, world_size: int, on_cuda: bool) -> dict[str, A
         "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": cfg.train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": zero,
-        "steps_per_print": 10**9,  # pretrain.metrics logs; silence DeepSpeed's own step lines
+        "steps_per_print": 10**9,  # pretrain.train.metrics logs; silence DeepSpeed's own step lines
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }

@@ -22,9 +22,9 @@ from pathlib import Path
 from data_tools.digits import write_digits
 from data_tools.shard import shard
 from data_tools.summary import format_summary
-from pretrain.checkpoint import newest_complete
-from pretrain.demo_downstream import check_libraries, finetune_compare
-from pretrain.plot import plot, read_metrics
+from pretrain.train.checkpointer import newest_complete
+from pretrain.demo.downstream import check_libraries, finetune_compare
+from pretrain.train.plot import plot, read_metrics
 
 CONFIG = "configs/tiny_digits.yaml"
 TARGET_TOP1 = 0.80

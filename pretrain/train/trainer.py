@@ -3,8 +3,8 @@
     deepspeed [--num_gpus N | --hostfile H ...] --module pretrain.train --config configs/X.yaml [section.key=value ...]
     torchrun --nproc_per_node N -m pretrain.train --config ...        (or plain `python -m pretrain.train` for 1 rank)
 
-Each rank streams its own shards (`pretrain.data`), trains the ViT (`pretrain.model`) under DeepSpeed ZeRO
-(`pretrain.engine`), and writes crash-safe checkpoints it resumes from bit for bit (`pretrain.checkpoint`).
+Each rank streams its own shards (`pretrain.data`), trains the ViT (`pretrain.models.vit`) under DeepSpeed ZeRO
+(`pretrain.train.engine`), and writes crash-safe checkpoints it resumes from bit for bit (`pretrain.train.checkpointer`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pretrain import checkpoint as ckpt
+from pretrain.train import checkpointer as ckpt
 from pretrain.config import Config, ConfigError, load_config, save_config
 from pretrain.data import (
     ShardError,
@@ -34,23 +34,15 @@ from pretrain.data import (
     resolve_shards,
     to_targets,
 )
-from pretrain.engine import autocast_dtype, deepspeed_config, loss_fn, lr_scheduler, param_groups
-from pretrain.evaluate import evaluate
-from pretrain.metrics import MetricsLogger, device_peak_flops, memory_gib
-from pretrain.model import ViTArgs, create_vit, resolve_args, train_flops_per_image
+from pretrain.train.engine import autocast_dtype, deepspeed_config, loss_fn, lr_scheduler, param_groups
+from pretrain.train.evaluate import evaluate
+from pretrain.train.metrics import MetricsLogger, device_peak_flops, memory_gib
+from pretrain.models.vit import ViTArgs, create_vit, resolve_args, train_flops_per_image
 from pretrain.ports import free_port
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite losses in a row); the message says why."""
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pretrain.train", description="Pretrain a ViT with DeepSpeed ZeRO.")
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/vit_b16_i21k.yaml")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
-    p.add_argument("overrides", nargs="*", help="dotted overrides: optim.lr=3e-4 train.steps=100 ...")
-    return p.parse_args(argv)
 
 
 def preflight(cfg: Config) -> tuple[int, list[str]]:
@@ -310,21 +302,3 @@ def _kill_rank0_if(kind: str, step: int) -> None:
     if _fault(kind, step) and dist.get_rank() == 0:
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        train(cfg)
-    except (ConfigError, ShardError, ckpt.CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

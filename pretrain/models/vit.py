@@ -5,7 +5,7 @@ Parameter names and shapes equal timm's `VisionTransformer`, so `model.state_dic
 The optional pre-logits layer of the paper's ImageNet-21k models (`pre_logits.fc`) has no timm counterpart;
 it is dropped with the head on export.
 
-This module never imports DeepSpeed or torch.distributed: wrapping happens in `pretrain.engine`.
+This module never imports DeepSpeed or torch.distributed: wrapping happens in `pretrain.train.engine`.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ class VisionTransformer(nn.Module):
             nn.init.constant_(self.head.bias, self.args.head_bias_init)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters exempt from weight decay besides biases and norms (see `pretrain.engine`)."""
+        """Parameters exempt from weight decay besides biases and norms (see `pretrain.train.engine`)."""
         return {"pos_embed", "cls_token"}
 
     def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:

@@ -2,7 +2,7 @@
 
 The folder holds `config.json` in the layout of timm's `local-dir:` source (`architecture`, `model_args`,
 `num_classes`, `label_names`, `pretrained_cfg` with mean/std/input size) and `model.safetensors` with timm's
-parameter names, which are ours (`pretrain.model`). Weights are read with safetensors only: a pickle file is never
+parameter names, which are ours (`pretrain.models.vit`). Weights are read with safetensors only: a pickle file is never
 loaded. Used by `pretrain.finetune` (new head, maybe a new input size) and `pretrain.predict` (head as saved).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.model import TIMM_NAMES, VARIANTS, VisionTransformer, ViTArgs, resize_pos_embed
+from pretrain.models.vit import TIMM_NAMES, VARIANTS, VisionTransformer, ViTArgs, resize_pos_embed
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -35,7 +35,7 @@ class Backbone:
     model: VisionTransformer
     """The ViT with the exported weights (and a new zero-initialised head when the class count changed)."""
     variant: str
-    """Our variant name (`pretrain.model.VARIANTS`), or the timm architecture name when no variant matches."""
+    """Our variant name (`pretrain.models.vit.VARIANTS`), or the timm architecture name when no variant matches."""
     class_names: list[str]
     """Names of the head's classes (empty for a new head or a head-less export)."""
     mean: tuple[float, ...]
@@ -194,7 +194,7 @@ def save_backbone(model: VisionTransformer, out: str | Path, files: dict[str, di
     """Write `model.safetensors` and the JSON `files` (name -> content) into `out`, atomically (temp folder, rename)."""
     from safetensors.torch import save_file
 
-    from pretrain.fsutil import atomic_path
+    from data_tools.fsutil import atomic_path
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out) as tmp:

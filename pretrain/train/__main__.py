@@ -1,0 +1,43 @@
+"""Pretraining entry point.
+
+    deepspeed [--num_gpus N | --hostfile H ...] --module pretrain.train --config configs/X.yaml [section.key=value ...]
+    torchrun --nproc_per_node N -m pretrain.train --config ...        (or plain `python -m pretrain.train` for 1 rank)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch.distributed as dist
+
+from pretrain.config import ConfigError, load_config
+from pretrain.data import ShardError
+from pretrain.train import checkpointer as ckpt
+from pretrain.train.trainer import TrainingError, train
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pretrain.train", description="Pretrain a ViT with DeepSpeed ZeRO.")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/vit_b16_i21k.yaml")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="dotted overrides: optim.lr=3e-4 train.steps=100 ...")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except (ConfigError, ShardError, ckpt.CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

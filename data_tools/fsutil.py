@@ -47,3 +47,16 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p)
     elif p.exists() or p.is_symlink():
         p.unlink()
+
+
+def check_replaceable(out: str | os.PathLike, marker: str, what: str) -> None:
+    """Refuse an output folder unless it is new, empty, or an earlier result (it holds `marker`).
+
+    Exports and fine-tuning replace only their own earlier output, never a folder of something else that a user
+    mistyped as OUT. Raises ValueError with the fix; callers re-raise it as their own error type.
+    """
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what} {p} is a file; choose a folder name")
+    if p.is_dir() and any(p.iterdir()) and not (p / marker).is_file():
+        raise ValueError(f"{what} {p} exists and is not an earlier result; choose a new folder or remove it")

@@ -26,44 +26,92 @@ from data_tools.fsutil import atomic_write
 
 def _row(name: str, metric: str, ours, baseline, unit: str, target: str = "") -> dict:
     ratio = ours / baseline if ours is not None and baseline else None
-    return {"name": name, "metric": metric, "ours": ours, "baseline": baseline, "unit": unit,
-            "ratio": ratio if ratio is not None and math.isfinite(ratio) else None, "target": target}  # fmt: skip
+    return {
+        "name": name,
+        "metric": metric,
+        "ours": ours,
+        "baseline": baseline,
+        "unit": unit,
+        "ratio": ratio if ratio is not None and math.isfinite(ratio) else None,
+        "target": target,
+    }
 
 
 def _shard_rows(r: dict) -> list[dict]:
     kb, cpu = r["keep_bytes"], r["cpu_ms_per_image"]
     return [
-        _row("shard", "resize 256 + JPEG q90: --workers 2 vs ShardWriter loop", r["ours"], r["baseline"], "images/s",
-             "higher"),
+        _row(
+            "shard",
+            "resize 256 + JPEG q90: --workers 2 vs ShardWriter loop",
+            r["ours"],
+            r["baseline"],
+            "images/s",
+            "higher",
+        ),
         _row("shard", "resize: CPU time per image, all processes", cpu["ours"], cpu["baseline"], "ms", "lower"),
-        _row("shard", "keep bytes: full decode check vs plain copy", kb["ours"], kb["baseline"], "images/s",
-             "higher"),
-    ]  # fmt: skip
+        _row("shard", "keep bytes: full decode check vs plain copy", kb["ours"], kb["baseline"], "images/s", "higher"),
+    ]
 
 
 def _loader_rows(r: dict) -> list[dict]:
     rows = []
     for label, unit in (("per_worker", "images/s/worker"), ("per_cpu_s", "images/CPU-s")):
         stream = r[f"stream_img_{label}"]
-        rows.append(_row("loader", f"stream vs ImageFolder+DataLoader ({label})", stream,
-                         r[f"imagefolder_img_{label}"], unit, ">= 1.8"))  # fmt: skip
-        rows.append(_row("loader", f"stream vs decode-only ceiling ({label})", stream, r[f"decode_only_img_{label}"],
-                         unit, ">= 0.6"))  # fmt: skip
+        rows.append(
+            _row(
+                "loader",
+                f"stream vs ImageFolder+DataLoader ({label})",
+                stream,
+                r[f"imagefolder_img_{label}"],
+                unit,
+                ">= 1.8",
+            )
+        )
+        rows.append(
+            _row(
+                "loader",
+                f"stream vs decode-only ceiling ({label})",
+                stream,
+                r[f"decode_only_img_{label}"],
+                unit,
+                ">= 0.6",
+            )
+        )
     return rows
 
 
 def _train_rows(r: dict) -> list[dict]:
     s, c = r["step"], r["checkpointing"]
     rows = [
-        _row("train", f"step vs timm VisionTransformer ({s['model']}, batch {s['batch']})", s["ours_s_per_step"],
-             s["timm_s_per_step"], "s/step", "<= 1.0"),
+        _row(
+            "train",
+            f"step vs timm VisionTransformer ({s['model']}, batch {s['batch']})",
+            s["ours_s_per_step"],
+            s["timm_s_per_step"],
+            "s/step",
+            "<= 1.0",
+        ),
         _row("train", "grad checkpointing on vs off: fwd+bwd time", c["s_on"], c["s_off"], "s", "~1.3 (recompute)"),
-        _row("train", "grad checkpointing on vs off: peak memory growth", c["peak_mib_on"], c["peak_mib_off"], "MiB",
-             "< 1.0"),
-    ]  # fmt: skip
+        _row(
+            "train",
+            "grad checkpointing on vs off: peak memory growth",
+            c["peak_mib_on"],
+            c["peak_mib_off"],
+            "MiB",
+            "< 1.0",
+        ),
+    ]
     for z in r["zero"]:
-        rows.append(_row("train", f"ZeRO-{z['stage']} per-rank model states vs 16 B/param accounting (2 ranks)",
-                         z["per_rank_mib"], z["accounting_mib"], "MiB", "~1.0"))  # fmt: skip
+        rows.append(
+            _row(
+                "train",
+                f"ZeRO-{z['stage']} per-rank model states vs 16 B/param accounting (2 ranks)",
+                z["per_rank_mib"],
+                z["accounting_mib"],
+                "MiB",
+                "~1.0",
+            )
+        )
     return rows
 
 
@@ -72,12 +120,24 @@ def _export_rows(r: dict) -> list[dict]:
     o, d, idle = c["ours"], c["deepspeed"], c["idle"]["peak_mib"]
     what = f"{c['model']} ZeRO-{c['stage']}"
     return [
-        _row("export", f"{what}: peak memory vs get_fp32_state_dict_from_zero_checkpoint", o["peak_mib"],
-             d["peak_mib"], "MiB", "< 1.0"),
-        _row("export", f"{what}: memory above an idle process ({idle:.0f} MiB)", o["peak_mib"] - idle,
-             d["peak_mib"] - idle, "MiB", "< 1.0"),
+        _row(
+            "export",
+            f"{what}: peak memory vs get_fp32_state_dict_from_zero_checkpoint",
+            o["peak_mib"],
+            d["peak_mib"],
+            "MiB",
+            "< 1.0",
+        ),
+        _row(
+            "export",
+            f"{what}: memory above an idle process ({idle:.0f} MiB)",
+            o["peak_mib"] - idle,
+            d["peak_mib"] - idle,
+            "MiB",
+            "< 1.0",
+        ),
         _row("export", f"{what}: time (ours also writes the file)", o["seconds"], d["seconds"], "s", "<= 1.0"),
-    ]  # fmt: skip
+    ]
 
 
 def _gpu_rows(r: dict) -> list[dict]:
@@ -112,8 +172,15 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"**{r['ratio']:.2f}x**"
-        cells = [r["name"], r["metric"], _num(r["ours"], r["unit"]), _num(r["baseline"], r["unit"]), r["unit"],
-                 r["target"] or "-", ratio]  # fmt: skip
+        cells = [
+            r["name"],
+            r["metric"],
+            _num(r["ours"], r["unit"]),
+            _num(r["baseline"], r["unit"]),
+            r["unit"],
+            r["target"] or "-",
+            ratio,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -130,8 +197,10 @@ def run_suite(names: list[str], quick: bool) -> dict:
             rows = to_rows(result)
         except Exception as e:  # noqa: BLE001 - one broken benchmark must not hide the others' figures
             traceback.print_exc()
-            result, rows = None, [_row(name, f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                                       None, None, "")]  # fmt: skip
+            result, rows = (
+                None,
+                [_row(name, f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", None, None, "")],
+            )
             out["errors"][name] = traceback.format_exc()
         out["seconds"][name] = round(time.perf_counter() - t, 1)
         out["results"][name] = result
@@ -155,8 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite, print the machine and the table, write --json; exit 1 if a benchmark failed."""
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small inputs: a few minutes on 2 CPU cores (CI smoke test)")
-    p.add_argument("--only", action="append", metavar="NAME", help=f"run only these (comma-separated or repeated): "
-                   f"{', '.join(REGISTRY)}")  # fmt: skip
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help=f"run only these (comma-separated or repeated): {', '.join(REGISTRY)}",
+    )
     p.add_argument("--json", metavar="OUT", help="also write machine, rows and raw results to this JSON file")
     args = p.parse_args(argv)
     try:

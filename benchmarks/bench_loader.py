@@ -49,12 +49,22 @@ def _timed(batches, n_batches: int, workers: int) -> float:
 
 
 def _baseline(folder: Path, n_batches: int, workers: int) -> float:
-    tf = T.Compose([
-        T.RandomResizedCrop(IMG, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
-        T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    ])  # fmt: skip
-    dl = DataLoader(datasets.ImageFolder(str(folder), transform=tf), batch_size=BATCH, shuffle=True,
-                    num_workers=workers, persistent_workers=workers > 0, drop_last=True)  # fmt: skip
+    tf = T.Compose(
+        [
+            T.RandomResizedCrop(IMG, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ]
+    )
+    dl = DataLoader(
+        datasets.ImageFolder(str(folder), transform=tf),
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        drop_last=True,
+    )
     return _timed(_forever(dl), n_batches, workers)
 
 
@@ -82,8 +92,15 @@ def _stack(xs: list[torch.Tensor]) -> tuple[torch.Tensor]:
 
 
 def _decode_only(folder: Path, n_batches: int, workers: int) -> float:
-    dl = DataLoader(_DecodeOnly(folder), batch_size=BATCH, shuffle=True, num_workers=workers,
-                    persistent_workers=workers > 0, drop_last=True, collate_fn=_stack)  # fmt: skip
+    dl = DataLoader(
+        _DecodeOnly(folder),
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        drop_last=True,
+        collate_fn=_stack,
+    )
     return _timed(_forever(dl), n_batches, workers)
 
 

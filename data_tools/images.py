@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-# Formats stored unchanged when no resize or re-encode is asked: every WebDataset/timm reader decodes them.
-KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+from data_tools.format import REENCODED_EXT, STORED_EXTS
+
 DEFAULT_QUALITY = 90
 """JPEG quality used when an image must be re-encoded (resized, or a format readers may not know) and no --quality."""
 
@@ -67,7 +67,7 @@ def encode_image(data: bytes, opts: ImageOptions) -> Encoded:
         fmt = im.format
         width, height = im.size
         size = target_size(width, height, opts.resize_shorter)
-        keep = size == (width, height) and opts.quality is None and fmt in KEEP_FORMATS
+        keep = size == (width, height) and opts.quality is None and fmt in STORED_EXTS
         if fmt == "JPEG" and keep:
             # Only checking: a 1/8-scale decode still reads every coefficient (truncation fails) in half the time.
             im.draft(None, (max(1, width // 8), max(1, height // 8)))
@@ -79,7 +79,7 @@ def encode_image(data: bytes, opts: ImageOptions) -> Encoded:
         raise BadImage(f"{type(e).__name__}: {e}".replace("\n", " ")) from e
 
     if keep:
-        return Encoded(KEEP_FORMATS[fmt], data, width, height, min(width, height))
+        return Encoded(STORED_EXTS[fmt], data, width, height, min(width, height))
 
     try:
         if im.mode != "RGB":
@@ -90,7 +90,7 @@ def encode_image(data: bytes, opts: ImageOptions) -> Encoded:
         im.save(buf, format="JPEG", quality=opts.quality or DEFAULT_QUALITY)
     except Exception as e:  # an exotic mode (e.g. 16-bit) Pillow cannot convert: skip it like any bad file
         raise BadImage(f"cannot re-encode as RGB JPEG ({type(e).__name__}: {e})".replace("\n", " ")) from e
-    return Encoded("jpg", buf.getvalue(), width, height, min(size))
+    return Encoded(REENCODED_EXT, buf.getvalue(), width, height, min(size))
 
 
 def size_bucket(shorter: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data_tools import layout
+from data_tools import format as fmt
 from data_tools.images import bucket_labels
 
 
@@ -16,7 +16,7 @@ def describe(out: str | os.PathLike) -> dict:
         DataToolsError: OUT has no readable `_info.json`.
     """
     out = Path(out)
-    info = layout.load_info(out)
+    info = fmt.read_info(out)
     stats = info.get("stats", {})
     splits = {}
     for split, s in info.get("splits", {}).items():
@@ -49,8 +49,8 @@ def describe(out: str | os.PathLike) -> dict:
 
 def _pattern(split: str, files: list[str]) -> str:
     """Our brace pattern when the files follow our naming, else the first and last names (shards made elsewhere)."""
-    if files == [layout.shard_name(split, i) for i in range(len(files))]:
-        return layout.brace_pattern(split, len(files))
+    if files == [fmt.shard_name(split, i) for i in range(len(files))]:
+        return fmt.brace_pattern(split, len(files))
     return files[0] if len(files) == 1 else f"{files[0]} .. {files[-1]}" if files else ""
 
 

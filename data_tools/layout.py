@@ -1,11 +1,9 @@
-"""The output folder's layout: shard names, brace patterns, `_info.json` (timm's reader_wds layout), progress files.
+"""The writer's output folder beyond the format (see `format.py`): progress files, the skipped list, refusing an OUT
+that holds something else, and cleaning up after a killed run.
 
 OUT/
-  _info.json          {"name", "splits": {"train": {"name", "num_samples", "filenames", "shard_lengths"}, "val": ...},
-                       "num_classes", "class_names", "fingerprint", "options", "stats", "skipped"}
+  _info.json, train-000000.tar, ...   the dataset (`format.py`)
   _skipped.txt        one `path<TAB>reason` line per input left out
-  train-000000.tar    samples: KEY.jpg|png|webp, KEY.cls, KEY.json
-  val-000000.tar
   _progress/          only while a run is unfinished: plan.json and one marker per finished shard
 """
 
@@ -17,51 +15,11 @@ import shutil
 from pathlib import Path
 
 from data_tools.errors import DataToolsError
-from data_tools.fsutil import atomic_write
+from data_tools.format import INFO
 
-INFO = "_info.json"
 SKIPPED = "_skipped.txt"
 PROGRESS = "_progress"
 PLAN = "plan.json"
-SPLITS = ("train", "val")
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
-
-def shard_name(split: str, index: int) -> str:
-    """File name of shard `index` of `split`, e.g. `train-000003.tar`."""
-    return f"{split}-{index:06d}.tar"
-
-
-def brace_pattern(split: str, count: int) -> str:
-    """Brace-expandable pattern naming all `count` shards of `split`, e.g. `train-{000000..000012}.tar`."""
-    if count == 1:
-        return shard_name(split, 0)
-    return f"{split}-{{{0:06d}..{count - 1:06d}}}.tar"
-
-
-def sample_key(position: int) -> str:
-    """Sample key from the sample's position in the global shuffled order: unique across splits and shards."""
-    return f"{position:09d}"
-
-
-def load_info(out: str | os.PathLike) -> dict:
-    """Read `OUT/_info.json`.
-
-    Raises:
-        DataToolsError: The folder or its `_info.json` is missing or unreadable.
-    """
-    path = Path(out) / INFO
-    if not path.is_file():
-        raise DataToolsError(f"'{path}' not found; pass a folder written by `data_tools shard`")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataToolsError(f"'{path}' is not valid JSON ({e}); re-run `data_tools shard` to rewrite it") from e
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write `obj` as indented, key-sorted JSON, atomically."""
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def check_out_folder(out: Path, fingerprint: str) -> dict | None:

@@ -22,13 +22,14 @@ import numpy as np
 from tqdm import tqdm
 from webdataset.writer import TarWriter
 
+from data_tools import format as fmt
 from data_tools import layout
 from data_tools.errors import DataToolsError
+from data_tools.fsutil import atomic_path, atomic_write
 from data_tools.images import SIZE_EDGES, BadImage, ImageOptions, encode_image, size_bucket
 from data_tools.parallel import default_workers, run_tasks
 from data_tools.sources import Catalog, build_catalog, check_src, read_bytes, read_record
 from data_tools.summary import all_shards_exist, assemble_info, shard_count, summarize
-from data_tools.fsutil import atomic_path, atomic_write
 
 DEFAULT_SAMPLES_PER_SHARD = 2000
 DEFAULT_MAX_SHARD_BYTES = 512 * 1024**2
@@ -117,12 +118,7 @@ def shard(
     start = time.perf_counter()
     _check_options(samples_per_shard, max_shard_bytes, resize_shorter, quality, val_per_class, val_fraction)
     src, out = check_src(src), Path(out)
-    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
-        raise DataToolsError(f"OUT '{out}' is inside SRC '{src}' and would be read as input; put OUT elsewhere")
-    if _unrelated(out):
-        layout.check_out_folder(out, fingerprint="")  # raises: OUT is a file or holds unrelated files
-    out.mkdir(parents=True, exist_ok=True)
-    layout.clean_temporaries(out)
+    _prepare_out(src, out)
     catalog_path = out / f".tmp-catalog-{os.getpid()}.jsonl"
     try:
         catalog = build_catalog(src, catalog_path, classes)
@@ -135,44 +131,71 @@ def shard(
             val_per_class=val_per_class,
             val_fraction=val_fraction,
         )
-        blob = json.dumps({"input": catalog.digest, "classes": catalog.class_names, "options": options}, sort_keys=True)
-        fingerprint = hashlib.sha256(blob.encode()).hexdigest()
+        fingerprint = _fingerprint(catalog, options)
         finished = layout.check_out_folder(out, fingerprint)
         if finished is not None and all_shards_exist(out, finished):
             return summarize(out, finished, written=0, reused=shard_count(finished), images=0, seconds=0.0)
 
         # Plan: shuffle, hold out val, cut shards; shards with a marker were finished by an earlier run.
         name = name or (src.name if src.is_dir() else src.stem)
-        layout.write_json(out / layout.PROGRESS / layout.PLAN, {"fingerprint": fingerprint, "name": name})
+        fmt.write_json(out / layout.PROGRESS / layout.PLAN, {"fingerprint": fingerprint, "name": name})
         perm, splits = split_samples(catalog, seed, val_per_class, val_fraction)
         plans = {
             s: plan_shards(catalog.sizes[perm[pos]], samples_per_shard, max_shard_bytes) for s, pos in splits.items()
         }
-        markers = {s: [_read_marker(out, layout.shard_name(s, i)) for i in range(len(p) - 1)] for s, p in plans.items()}
+        markers = {s: [_read_marker(out, fmt.shard_name(s, i)) for i in range(len(p) - 1)] for s, p in plans.items()}
         todo = sum(plans[s][i + 1] - plans[s][i] for s in plans for i, m in enumerate(markers[s]) if m is None)
         tasks = _pending_tasks(catalog, perm, splits, plans, markers)
 
         # Write the missing shards, whole shards per worker.
         ctx = WorkerContext(out, catalog_path, tuple(catalog.class_names), image, strict)
         reused = sum(m is not None for ms in markers.values() for m in ms)
-        written = 0
-        bar = tqdm(total=todo, unit="img", unit_scale=True, desc=f"shard -> {out.name}", disable=not progress)
-        with bar:
-            for marker in run_tasks(_write_shard, tasks, workers or default_workers(), _init_worker, (ctx,)):
-                markers[marker["split"]][marker["index"]] = marker
-                written += 1
-                bar.update(marker["count"] + len(marker["skipped"]))
-        # Finish: the dataset description, the skipped list, and no more progress files.
+        written = _write_missing(ctx, tasks, markers, todo, workers or default_workers(), progress)
         info = assemble_info(name, fingerprint, options, catalog, markers)
-        atomic_write(
-            out / layout.SKIPPED, "".join(f"{p}\t{r}\n" for ms in markers.values() for m in ms for p, r in m["skipped"])
-        )
-        layout.write_json(out / layout.INFO, info)
-        shutil.rmtree(out / layout.PROGRESS)
+        _finish(out, info, markers)
         seconds = time.perf_counter() - start
         return summarize(out, info, written=written, reused=reused, images=todo, seconds=seconds)
     finally:
         catalog_path.unlink(missing_ok=True)
+
+
+def _prepare_out(src: Path, out: Path) -> None:
+    """Refuse an OUT inside SRC or holding unrelated files; create it and clean a killed run's temporaries."""
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise DataToolsError(f"OUT '{out}' is inside SRC '{src}' and would be read as input; put OUT elsewhere")
+    if _unrelated(out):
+        layout.check_out_folder(out, fingerprint="")  # raises: OUT is a file or holds unrelated files
+    out.mkdir(parents=True, exist_ok=True)
+    layout.clean_temporaries(out)
+
+
+def _fingerprint(catalog: Catalog, options: dict) -> str:
+    """Identity of a run: the input (classes, files) and every option that changes the output."""
+    blob = json.dumps({"input": catalog.digest, "classes": catalog.class_names, "options": options}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _write_missing(
+    ctx: WorkerContext, tasks: Iterator[ShardTask], markers: dict, todo: int, workers: int, progress: bool
+) -> int:
+    """Write the pending shards in `workers` processes, filling in their `markers`; returns how many were written."""
+    written = 0
+    bar = tqdm(total=todo, unit="img", unit_scale=True, desc=f"shard -> {ctx.out.name}", disable=not progress)
+    with bar:
+        for marker in run_tasks(_write_shard, tasks, workers, _init_worker, (ctx,)):
+            markers[marker["split"]][marker["index"]] = marker
+            written += 1
+            bar.update(marker["count"] + len(marker["skipped"]))
+    return written
+
+
+def _finish(out: Path, info: dict, markers: dict) -> None:
+    """The dataset description and the skipped list, then no more progress files."""
+    atomic_write(
+        out / layout.SKIPPED, "".join(f"{p}\t{r}\n" for ms in markers.values() for m in ms for p, r in m["skipped"])
+    )
+    fmt.write_info(out, info)
+    shutil.rmtree(out / layout.PROGRESS)
 
 
 def _unrelated(out: Path) -> bool:
@@ -181,7 +204,7 @@ def _unrelated(out: Path) -> bool:
         return False
     if not out.is_dir():
         return True
-    has_ours = (out / layout.INFO).is_file() or (out / layout.PROGRESS / layout.PLAN).is_file()
+    has_ours = (out / fmt.INFO).is_file() or (out / layout.PROGRESS / layout.PLAN).is_file()
     return not has_ours and any(not n.startswith(".tmp-") for n in os.listdir(out))
 
 
@@ -277,7 +300,7 @@ def _init_worker(ctx: WorkerContext) -> None:
 def _write_shard(task: ShardTask) -> dict:
     """Write one shard (temporary name, then rename), then its progress marker; return the marker."""
     ctx = _CTX
-    name = layout.shard_name(task.split, task.index)
+    name = fmt.shard_name(task.split, task.index)
     counts: dict[int, int] = {}
     hist_orig = [0] * (len(SIZE_EDGES) + 1)
     hist_stored = [0] * (len(SIZE_EDGES) + 1)
@@ -302,10 +325,10 @@ def _write_shard(task: ShardTask) -> dict:
                     "height": enc.height,
                 }
                 sample = {
-                    "__key__": layout.sample_key(pos),
+                    "__key__": fmt.sample_key(pos),
                     enc.ext: enc.data,
-                    "cls": str(rec.label).encode(),
-                    "json": json.dumps(meta, sort_keys=True).encode(),
+                    fmt.LABEL_EXT: fmt.cls_bytes(rec.label),
+                    fmt.META_EXT: fmt.json_bytes(meta),
                 }
                 tw.write(sample)
                 counts[rec.label] = counts.get(rec.label, 0) + 1
@@ -321,5 +344,5 @@ def _write_shard(task: ShardTask) -> dict:
         "stored_shorter_hist": hist_stored,
         "skipped": skipped,
     }
-    layout.write_json(ctx.out / layout.PROGRESS / f"{name}.json", marker)
+    fmt.write_json(ctx.out / layout.PROGRESS / f"{name}.json", marker)
     return marker

@@ -7,40 +7,34 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools import format as fmt
 from data_tools import layout
 from data_tools.sources import Catalog
 
 
 def assemble_info(name: str, fingerprint: str, options: dict, catalog: Catalog, markers: dict) -> dict:
     """`_info.json`: timm's split layout plus the class list, options and statistics."""
-    info = {
-        "name": name,
-        "splits": {},
-        "num_classes": len(catalog.class_names),
-        "class_names": catalog.class_names,
-        "fingerprint": fingerprint,
-        "options": options,
-        "skipped": sum(len(m["skipped"]) for ms in markers.values() for m in ms),
-        "stats": {},
-    }
+    stats = {}
     for split, ms in markers.items():
-        info["splits"][split] = {
-            "name": split,
-            "num_samples": sum(m["count"] for m in ms),
-            "filenames": [layout.shard_name(split, i) for i in range(len(ms))],
-            "shard_lengths": [m["count"] for m in ms],
-        }
         class_counts = [0] * len(catalog.class_names)
         for m in ms:
             for label, c in m["class_counts"]:
                 class_counts[label] += c
-        info["stats"][split] = {
+        stats[split] = {
             "bytes": sum(m["file_bytes"] for m in ms),
             "class_counts": class_counts,
             "orig_shorter_hist": np.sum([m["orig_shorter_hist"] for m in ms], axis=0).tolist(),
             "stored_shorter_hist": np.sum([m["stored_shorter_hist"] for m in ms], axis=0).tolist(),
         }
-    return info
+    return fmt.make_info(
+        name,
+        catalog.class_names,
+        {split: [m["count"] for m in ms] for split, ms in markers.items()},
+        fingerprint=fingerprint,
+        options=options,
+        skipped=sum(len(m["skipped"]) for ms in markers.values() for m in ms),
+        stats=stats,
+    )
 
 
 def shard_count(info: dict) -> int:
@@ -62,7 +56,7 @@ def summarize(out: Path, info: dict, *, written: int, reused: int, images: int, 
             "shards": len(s["filenames"]),
             "bytes": info.get("stats", {}).get(split, {}).get("bytes")
             or sum((out / f).stat().st_size for f in s["filenames"]),
-            "pattern": layout.brace_pattern(split, len(s["filenames"])),
+            "pattern": fmt.brace_pattern(split, len(s["filenames"])),
         }
     return {
         "out": str(out),

@@ -1,16 +1,15 @@
 """`verify OUT`: decode every sample of every shard and check labels, keys and counts against `_info.json`.
 
-Works on any shards in the public ImageNet WebDataset layout (KEY.jpg/png/webp + KEY.cls [+ KEY.json]) whose
-`_info.json` follows timm's reader_wds layout; the class-name check runs when `class_names` is present.
+Works on any shards in the format of `format.py` (the public ImageNet WebDataset layout, KEY.<image> + KEY.cls
+[+ KEY.json], with timm's `_info.json`). Member names, image extensions and the `.cls` rule (multi-label `3,7`
+included) are the training stream's, from that one module. The class-name check runs when `class_names` is present.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
-import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_tools import layout
+from data_tools import format as fmt
 from data_tools.parallel import default_workers, run_tasks
-
-# webdataset's rule (tariterators.base_plus_ext): the key is the path up to the first dot of the base name.
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 @dataclass(frozen=True)
@@ -51,29 +47,27 @@ def verify(out: str | os.PathLike, *, workers: int | None = None, progress: bool
         DataToolsError: OUT has no readable `_info.json`.
     """
     out = Path(out)
-    info = layout.load_info(out)
-    names = info.get("class_names")
-    num_classes = int(info.get("num_classes") or (len(names) if names else 0))
+    info = fmt.read_info(out)
+    names, num_classes = fmt.info_classes(info)
+    num_classes = int(num_classes or 0)
     ctx = _Context(out, num_classes, tuple(names) if names else None)
     problems: list[str] = []
-    if names is not None and len(names) != num_classes:
-        problems.append(f"{layout.INFO}: num_classes is {num_classes} but class_names lists {len(names)}")
+    if names and len(names) != num_classes:
+        problems.append(f"{fmt.INFO}: num_classes is {num_classes} but class_names lists {len(names)}")
 
     tasks, listed = [], set()
     for split, s in info.get("splits", {}).items():
         lengths = list(s.get("shard_lengths") or [None] * len(s["filenames"]))
         if len(lengths) != len(s["filenames"]):
-            problems.append(
-                f"{layout.INFO}: split {split} lists {len(s['filenames'])} files but {len(lengths)} lengths"
-            )
+            problems.append(f"{fmt.INFO}: split {split} lists {len(s['filenames'])} files but {len(lengths)} lengths")
             lengths = [None] * len(s["filenames"])
         if sum(x or 0 for x in lengths) != s.get("num_samples") and None not in lengths:
-            problems.append(f"{layout.INFO}: split {split} num_samples {s.get('num_samples')} != sum of shard_lengths")
+            problems.append(f"{fmt.INFO}: split {split} num_samples {s.get('num_samples')} != sum of shard_lengths")
         tasks += [(f, n) for f, n in zip(s["filenames"], lengths, strict=True)]
         listed.update(s["filenames"])
     for f in sorted(os.listdir(out)):
         if f.endswith(".tar") and f not in listed:
-            problems.append(f"{f}: shard file not listed in {layout.INFO}")
+            problems.append(f"{f}: shard file not listed in {fmt.INFO}")
 
     samples, hashes, owners, done_files = 0, [], [], []
     with tqdm(total=len(tasks), unit="shard", desc=f"verify {out.name}", disable=not progress) as bar:
@@ -122,18 +116,18 @@ def _verify_shard(task: tuple[str, int | None]) -> dict:
             sample: dict[str, bytes] = {}
             key = None
             for member in tf:
-                if not member.isfile():
+                if not member.isfile() or fmt.is_ignored(member.name):
                     continue
-                m = _KEY_RE.match(member.name)
-                if not m:
+                if not fmt.has_key_form(member.name):
                     problems.append(f"{filename}: {member.name}: member name has no KEY.EXT form")
                     continue
-                if m.group(1) != key:
+                name_key, ext = fmt.split_name(member.name)
+                if name_key != key:
                     if key is not None:
                         problems += _check_sample(filename, key, sample)
                         keys.append(key)
-                    key, sample = m.group(1), {}
-                sample[m.group(2)] = tf.extractfile(member).read()
+                    key, sample = name_key, {}
+                sample[ext] = tf.extractfile(member).read()
             if key is not None:
                 problems += _check_sample(filename, key, sample)
                 keys.append(key)
@@ -142,41 +136,48 @@ def _verify_shard(task: tuple[str, int | None]) -> dict:
     if len(set(keys)) != len(keys):
         problems.append(f"{filename}: {len(keys) - len(set(keys))} keys appear twice in this shard")
     if expected is not None and len(keys) != expected:
-        problems.append(f"{filename}: holds {len(keys)} samples, {layout.INFO} says {expected}")
+        problems.append(f"{filename}: holds {len(keys)} samples, {fmt.INFO} says {expected}")
     hashes = np.array([_key_hash(k) for k in set(keys)], dtype=np.int64)
     return {"file": filename, "count": len(keys), "problems": problems, "key_hashes": hashes}
 
 
 def _check_sample(filename: str, key: str, sample: dict[str, bytes]) -> list[str]:
+    """Problems of one sample (members by lower-case extension): its image, its `.cls` and its `.json`."""
     where = f"{filename}: {key}"
-    ctx = _CTX
     problems = []
-    image_keys = [k for k in layout.IMAGE_KEYS if k in sample]
-    if not image_keys:
+    ext = fmt.image_ext(sample)
+    if ext is None:
         problems.append(f"{where}: no image (has {sorted(sample)})")
     else:
         try:
-            Image.open(io.BytesIO(sample[image_keys[0]])).load()
+            Image.open(io.BytesIO(sample[ext])).load()
         except Exception as e:  # PIL raises many exception types for bad data
-            problems.append(f"{where}: .{image_keys[0]} does not decode ({type(e).__name__}: {e})")
-    label = None
-    if "cls" not in sample:
-        problems.append(f"{where}: no .cls")
-    else:
+            problems.append(f"{where}: .{ext} does not decode ({type(e).__name__}: {e})")
+    labels = _check_labels(where, sample.get(fmt.LABEL_EXT), problems)
+    if fmt.META_EXT in sample:
         try:
-            label = int(sample["cls"].decode().strip())
-        except (ValueError, UnicodeDecodeError):
-            problems.append(f"{where}: .cls {sample['cls'][:20]!r} is not an integer")
-        if label is not None and not 0 <= label < ctx.num_classes:
-            problems.append(f"{where}: .cls {label} not in [0, {ctx.num_classes})")
-            label = None
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
+            name = fmt.parse_json(sample[fmt.META_EXT]).get("class")
         except ValueError:
             problems.append(f"{where}: .json does not parse")
-            meta = {}
-        name = meta.get("class") if isinstance(meta, dict) else None
-        if ctx.class_names and label is not None and name is not None and name != ctx.class_names[label]:
-            problems.append(f"{where}: .json class {name!r} but .cls {label} is {ctx.class_names[label]!r}")
+            name = None
+        names = _CTX.class_names
+        # The class-name check needs one label: a multi-label sample's .json names no single class.
+        if names and labels and len(labels) == 1 and name is not None and name != names[labels[0]]:
+            problems.append(f"{where}: .json class {name!r} but .cls {labels[0]} is {names[labels[0]]!r}")
     return problems
+
+
+def _check_labels(where: str, raw: bytes | None, problems: list[str]) -> list[int] | None:
+    """The sample's labels when `.cls` holds valid ones within [0, num_classes), else None (problems appended)."""
+    if raw is None:
+        problems.append(f"{where}: no .cls")
+        return None
+    try:
+        labels = fmt.parse_cls(raw)
+    except fmt.LabelError as e:
+        problems.append(f"{where}: {e} ({raw[:20]!r})")
+        return None
+    outside = [label for label in labels if label >= _CTX.num_classes]
+    for label in outside:
+        problems.append(f"{where}: .cls {label} not in [0, {_CTX.num_classes})")
+    return None if outside else labels

@@ -200,3 +200,67 @@ def test_info_and_verify_accept_shards_made_elsewhere(capsys, digits_shards, tmp
     assert code == 0 and "val: 50 samples in 1 shards, 0.2 MB: imagenet-val-000000.tar" in text
     code, text, _ = run(capsys, "verify", out, "--no-progress", "--workers", "1")
     assert code == 0 and "50 samples in 1 shards decoded; OK" in text
+
+
+def test_verify_passes_multi_label_cls(capsys, digits_shards, tmp_path):
+    out = tmp_path / "multi"
+    shutil.copytree(digits_shards, out)
+    keys = []
+
+    def second_label(i, s):
+        if i % 2:
+            return s
+        keys.append(s["__key__"])
+        first = int(s["cls"])
+        return {**s, "cls": f"{first},{(first + 3) % 10}".encode()}  # multi-label: `3,6`
+
+    _rewrite_shard(out / "val-000000.tar", second_label)
+    assert len(keys) == 25
+    code, text, _ = run(capsys, "verify", out, "--no-progress", "--workers", "1")
+    assert code == 0 and "1,797 samples in 10 shards decoded; OK" in text, text
+
+
+def test_verify_reports_non_integer_cls(capsys, digits_shards, tmp_path):
+    out = tmp_path / "cat"
+    shutil.copytree(digits_shards, out)
+    keys = {}
+
+    def bad_label(i, s):
+        if i in (0, 1):
+            keys[i] = s["__key__"]
+            return {**s, "cls": [b"cat", b"3,x"][i]}
+        return s
+
+    _rewrite_shard(out / "val-000000.tar", bad_label)
+    code, text, _ = run(capsys, "verify", out, "--no-progress", "--workers", "1")
+    assert code == 1
+    assert f"val-000000.tar: {keys[0]}: .cls is not an integer label (b'cat')" in text
+    assert f"val-000000.tar: {keys[1]}: .cls is not an integer label (b'3,x')" in text
+    assert "FAILED: 2 problems" in text
+
+
+def test_verify_accepts_exactly_the_labels_the_stream_reads(digits_shards, tmp_path):
+    from data_tools.verify import verify
+    from pretrain.data.decode import BadSample, label_of, read_shard
+
+    good = [b"3", b"3,7", b" 3 , 7 ", b"3 7", b"+3"]
+    bad = [b"cat", b"3,x", b"", b",", b"-1", b"3,-1", b"3.0", b"\xff"]
+    values = good + bad
+    out = tmp_path / "labels"
+    shutil.copytree(digits_shards, out)
+    written = {}
+
+    def label(i, s):  # no .json: its class name would not match the new label
+        written[s["__key__"]] = values[i % len(values)]
+        return {"__key__": s["__key__"], "png": s["png"], "cls": values[i % len(values)]}
+
+    _rewrite_shard(out / "val-000000.tar", label)
+    rejected = set()
+    for _, raw in read_shard(str(out / "val-000000.tar")):
+        try:
+            label_of(raw)
+        except BadSample:
+            rejected.add(raw.key)
+    assert rejected == {k for k, v in written.items() if v in bad}
+    problems = verify(out, workers=1, progress=False)["problems"]
+    assert {p.split(": ")[1] for p in problems} == rejected

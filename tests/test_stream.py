@@ -13,7 +13,7 @@ import torch
 from pretrain.config import DataConfig
 from pretrain.data import build_eval_loader, build_train_loader, unfinished
 from pretrain.data.decode import read_shard
-from pretrain.data.stream import epoch_offsets
+from pretrain.data.positions import epoch_offsets
 
 BS = 16
 TOTAL = 1747

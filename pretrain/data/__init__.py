@@ -2,11 +2,14 @@
 
 See docs/stream.md. Public API:
     build_train_loader, build_eval_loader, TrainLoader, EvalLoader  (loader.py)
-    resolve_shards, ShardList, ShardError                            (shards.py)
+    resolve_shards, ShardList, ShardError, count_samples             (shards.py)
     normalize, to_targets, mixup, TrainTransform, EvalTransform      (transforms.py)
+    unfinished                                                       (positions.py)
+The shard format itself (member names, `.cls`, `_info.json`) is `data_tools.format`.
 """
 
-from pretrain.data.loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader, unfinished
+from pretrain.data.loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
+from pretrain.data.positions import unfinished
 from pretrain.data.shards import ShardError, ShardList, count_samples, resolve_shards
 from pretrain.data.transforms import EvalTransform, TrainTransform, mixup, normalize, to_targets
 

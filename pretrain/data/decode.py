@@ -1,5 +1,8 @@
 """Safe reading of untrusted shards: only the image, `cls` and `json` members are read, with explicit decoders.
 
+Member names, image extensions and the `.cls` rule are the shard format's (`data_tools.format`), shared with the
+writer and `data_tools verify`.
+
 webdataset's default `.decode()` would unpickle `.pyd` / `.pickle` / `.pth` members, which runs arbitrary code from
 the shard. Here every other member is skipped unread (the tar stream seeks past it), so nothing in a shard is ever
 unpickled or executed.
@@ -8,7 +11,6 @@ unpickled or executed.
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 from collections.abc import Callable, Iterator
@@ -20,11 +22,10 @@ import webdataset as wds
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
-"""Member extensions treated as the sample's image (the first one present wins, in this order)."""
+from data_tools.format import LABEL_EXT, SAMPLE_EXTS, LabelError, image_ext, is_ignored, parse_cls, split_name
+
 MAX_PIXELS = 1 << 28
 """Larger images are rejected as corrupt (a decompression bomb guard, as Pillow's)."""
-_WANTED = frozenset((*IMAGE_EXTS, "cls", "json"))
 _ZERO_BLOCK = bytes(512)
 
 
@@ -66,7 +67,7 @@ def read_shard(url: str, start: int = 0, end: int | None = None) -> Iterator[tup
     try:
         index, key, members = -1, None, {}
         for name, read in _members(stream):
-            if name.rpartition("/")[2].startswith("__"):
+            if is_ignored(name):
                 continue
             k, ext = split_name(name)
             if k != key:
@@ -75,7 +76,7 @@ def read_shard(url: str, start: int = 0, end: int | None = None) -> Iterator[tup
                 index, key, members = index + 1, k, {}
                 if end is not None and index >= end:
                     return
-            if index >= start and ext in _WANTED:
+            if index >= start and ext in SAMPLE_EXTS:
                 members[ext] = read()
         if key is not None and index >= start and (end is None or index < end):
             yield index, RawSample(key, members)
@@ -149,44 +150,23 @@ def _pax(data: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def split_name(name: str) -> tuple[str, str]:
-    """(key, lower-case extension) of a member name."""
-    # webdataset's rule: key = path up to the first dot of the last component; extension = the rest, lower case
-    head, _, tail = name.rpartition("/")
-    stem, _, ext = tail.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
 def label_of(sample: RawSample) -> list[int]:
-    """Integer label(s) from `.cls` (ASCII digits; several separated by commas or spaces for multi-label data)."""
-    raw = sample.members.get("cls")
+    """Integer label(s) from `.cls` (`data_tools.format.parse_cls`: `3`, or `3,7` for multi-label data)."""
+    raw = sample.members.get(LABEL_EXT)
     if raw is None:
         raise BadSample(f"{sample.key}: no .cls member")
     try:
-        labels = [int(t) for t in raw.decode("ascii").replace(",", " ").split()]
-    except (UnicodeDecodeError, ValueError):
-        raise BadSample(f"{sample.key}: .cls is not an integer label") from None
-    if not labels or min(labels) < 0:
-        raise BadSample(f"{sample.key}: .cls holds no valid label")
-    return labels
-
-
-def metadata_of(sample: RawSample) -> dict:
-    """The `.json` metadata as a dict ({} when absent or invalid; it is never required)."""
-    raw = sample.members.get("json")
-    try:
-        meta = json.loads(raw) if raw else {}
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
+        return parse_cls(raw)
+    except LabelError as e:
+        raise BadSample(f"{sample.key}: {e}") from None
 
 
 def image_bytes(sample: RawSample) -> tuple[bytes, str]:
     """The image member and its extension; raises BadSample when the sample has none."""
-    for ext in IMAGE_EXTS:
-        if ext in sample.members:
-            return sample.members[ext], ext
-    raise BadSample(f"{sample.key}: no image member")
+    ext = image_ext(sample.members)
+    if ext is None:
+        raise BadSample(f"{sample.key}: no image member")
+    return sample.members[ext], ext
 
 
 def image_size(data: bytes) -> tuple[int, int]:

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pretrain.data.decode import BadSample, BadShard, image_bytes, label_of, read_shard
-from pretrain.data.stream import Counters, StreamSpec, label_tensor
+from pretrain.data.decode import BadSample, image_bytes, label_of
+from pretrain.data.stages import Counters, label_tensor, shard_samples
+from pretrain.data.stream import StreamSpec
 
 
 def eval_batches_per_worker(total: int, slots: int, batch_size: int) -> int:
@@ -74,22 +75,14 @@ class EvalStream(IterableDataset):
                 k += 1
             i0, i1 = g - offsets[k], min(b, offsets[k + 1]) - offsets[k]
             seen = i0
-            try:
-                for i, raw in read_shard(s.urls[k], i0, i1):
-                    seen = i + 1
-                    try:
-                        labels = label_of(raw)
-                        yield raw.key, s.transform(image_bytes(raw)[0]), labels
-                    except BadSample as e:
-                        c.sample(f"{raw.key}: {e}")
-                        yield raw.key, None, None
-            except BadShard as e:
-                c.shard(e, s.max_bad_shards)
-            else:
-                if seen < i1:
-                    c.shard(
-                        BadShard(s.urls[k], f"ended after {seen} samples; _info.json counts more"), s.max_bad_shards
-                    )
+            for i, raw in shard_samples(s.urls[k], i0, i1, c, s.max_bad_shards):
+                seen = i + 1
+                try:
+                    labels = label_of(raw)
+                    yield raw.key, s.transform(image_bytes(raw)[0]), labels
+                except BadSample as e:
+                    c.sample(f"{raw.key}: {e}")
+                    yield raw.key, None, None
             for _ in range(i1 - seen):  # positions the shard did not deliver
                 yield "", None, None
             g = offsets[k] + i1

@@ -16,17 +16,11 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from pretrain.config import DataConfig
 from pretrain.data.evalstream import EvalStream, eval_batches_per_worker
+from pretrain.data.positions import batches_per_rank, unfinished
 from pretrain.data.shards import ShardError, ShardList, resolve_shards
-from pretrain.data.stream import (
-    StreamSpec,
-    TrainStream,
-    batches_per_rank,
-    merge,
-    slot_range,
-    virtual_runs,
-    worker_quotas,
-)
+from pretrain.data.stream import StreamSpec, TrainStream
 from pretrain.data.transforms import EvalTransform, TrainTransform
 
 STATE_VERSION = 1
@@ -87,8 +81,8 @@ class TrainLoader:
         if self._started:
             raise RuntimeError("a TrainLoader is iterated once (its iterator is infinite); keep the iterator")
         self._started = True
-        dl = _dataloader(TrainStream(self.spec, self.num_workers, self._resume), self.num_workers,
-                         self.pin_memory, self.prefetch)  # fmt: skip
+        stream = TrainStream(self.spec, self.num_workers, self._resume)
+        dl = _dataloader(stream, self.num_workers, self.pin_memory, self.prefetch)
         while True:
             it, t0 = iter(dl), time.perf_counter()
             while True:
@@ -228,27 +222,6 @@ def _zero_counters() -> dict:
     return {"bad_samples": 0, "bad_shards": 0, "last_bad_shard": ""}
 
 
-def unfinished(states: list[dict]) -> list[list[int]]:
-    """Epoch positions not yet consumed on any rank of a saved run (all ranks' states, same epoch and segment)."""
-    old = states[0]
-    segment, batch, world, slots = old["segment"], old["batch_size"], old["world_size"], old["num_workers"]
-    if any(st["epoch"] != old["epoch"] or st["segment"] != segment for st in states):
-        raise ValueError("the ranks' stream states disagree on the epoch; they must come from the same step")
-    r = sum(b - a for a, b in segment)
-    n = batches_per_rank(r, world, batch, old["remainder"])
-    quotas = worker_quotas(n, slots)
-    todo: list[tuple[int, int]] = []
-    for st in states:
-        for w in range(slots):
-            v0, v1 = slot_range(st["rank"], w, n, quotas, batch)
-            lo, hi = v0 + st["workers"][w]["watermark"], min(v1, r)  # virtual positions >= r are wrapped repeats
-            if lo < hi:
-                todo += [(g0, g1) for g0, g1, _ in virtual_runs(segment, lo, hi)]
-    if world * n * batch < r:  # the dropped tail of the segment was never assigned
-        todo += [(g0, g1) for g0, g1, _ in virtual_runs(segment, world * n * batch, r)]
-    return merge(todo)
-
-
 class EvalLoader:
     """Evaluation batches of one rank: {"image", "label", "mask": bool (B,), "key"}; `len()` equal on all ranks."""
 
@@ -279,31 +252,66 @@ class EvalLoader:
 
 
 def build_train_loader(
-    cfg, *, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-    multilabel: bool = False, num_workers: int | None = None, pin_memory: bool | None = None,
-) -> TrainLoader:  # fmt: skip
+    cfg: DataConfig,
+    *,
+    img_size: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    multilabel: bool = False,
+    num_workers: int | None = None,
+    pin_memory: bool | None = None,
+) -> TrainLoader:
     """The training loader of one rank from a `DataConfig` (`cfg.train_shards`, mode, augmentation, ...)."""
     shards = resolve_shards(cfg.train_shards, cfg.train_split, count=cfg.mode == "epoch")
     transform = TrainTransform(img_size, cfg.crop_scale_min, cfg.hflip, cfg.randaugment_ops, cfg.randaugment_magnitude)
     spec = StreamSpec(
-        shards.urls, shards.lengths, batch_size, rank, world_size, seed, transform, cfg.mode, cfg.remainder,
-        cfg.shuffle_buffer, cfg.max_bad_shards, multilabel, img_size,
-    )  # fmt: skip
+        shards.urls,
+        shards.lengths,
+        batch_size,
+        rank,
+        world_size,
+        seed,
+        transform,
+        mode=cfg.mode,
+        remainder=cfg.remainder,
+        shuffle_buffer=cfg.shuffle_buffer,
+        max_bad_shards=cfg.max_bad_shards,
+        multilabel=multilabel,
+        img_size=img_size,
+    )
     workers = cfg.num_workers if num_workers is None else num_workers
     return TrainLoader(shards, spec, workers, pin_memory)
 
 
 def build_eval_loader(
-    cfg, *, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1, multilabel: bool = False,
-    num_workers: int | None = None, pin_memory: bool | None = None,
-) -> EvalLoader | None:  # fmt: skip
+    cfg: DataConfig,
+    *,
+    img_size: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    multilabel: bool = False,
+    num_workers: int | None = None,
+    pin_memory: bool | None = None,
+) -> EvalLoader | None:
     """The evaluation loader of one rank (None when `cfg.val_shards` is empty)."""
     if not cfg.val_shards:
         return None
     shards = resolve_shards(cfg.val_shards, cfg.val_split)
     spec = StreamSpec(
-        shards.urls, shards.lengths, batch_size, rank, world_size, 0, EvalTransform(img_size, cfg.eval_crop_pct),
-        "epoch", "drop", 1, cfg.max_bad_shards, multilabel, img_size,
-    )  # fmt: skip
+        shards.urls,
+        shards.lengths,
+        batch_size,
+        rank,
+        world_size,
+        0,
+        EvalTransform(img_size, cfg.eval_crop_pct),
+        shuffle_buffer=1,
+        max_bad_shards=cfg.max_bad_shards,
+        multilabel=multilabel,
+        img_size=img_size,
+    )
     workers = cfg.num_workers if num_workers is None else num_workers
     return EvalLoader(shards, spec, workers, pin_memory)

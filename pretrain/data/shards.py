@@ -8,14 +8,13 @@ resampled mode.
 
 from __future__ import annotations
 
-import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
 
-from pretrain.data.decode import split_name
+from data_tools import format as fmt
 
 
 class ShardError(ValueError):
@@ -56,10 +55,9 @@ def resolve_shards(spec: str, split: str = "train", *, count: bool = True) -> Sh
         raise ShardError(f"no shards given for split {split!r}; set data.train_shards / data.val_shards")
     path = Path(spec)
     if path.is_dir():
-        info_path = path / "_info.json"
-        if info_path.is_file():
-            return _from_info(path, _read_info(info_path), split)
-        tars = sorted(path.glob(f"{split}-*.tar")) or sorted(path.glob("*.tar"))
+        if (path / fmt.INFO).is_file():
+            return _from_info(path, _read_info(path), split)
+        tars = sorted(path.glob(fmt.shard_glob(split))) or sorted(path.glob("*.tar"))
         if not tars:
             raise ShardError(f"{path} holds neither _info.json nor .tar files; run `python -m data_tools shard` first")
         urls = [str(t) for t in tars]
@@ -71,8 +69,8 @@ def resolve_shards(spec: str, split: str = "train", *, count: bool = True) -> Sh
             if missing:
                 raise ShardError(f"shard {missing[0]} does not exist ({len(missing)} of {len(urls)} missing)")
             parent = Path(_strip_file(urls[0])).parent
-            if (parent / "_info.json").is_file():
-                return _match_info(urls, parent, _read_info(parent / "_info.json"), split)
+            if (parent / fmt.INFO).is_file():
+                return _match_info(urls, parent, _read_info(parent), split)
     lengths = None
     if count and all(_is_local(u) for u in urls):
         lengths = [count_samples(_strip_file(u)) for u in urls]
@@ -84,26 +82,26 @@ def count_samples(path: str) -> int:
     n, last = 0, None
     with tarfile.open(path) as tar:
         for member in tar:
-            if not member.isreg() or member.name.rpartition("/")[2].startswith("__"):  # as read_shard skips them
+            if not member.isreg() or fmt.is_ignored(member.name):  # as read_shard skips them
                 continue
-            key = split_name(member.name)[0]
+            key = fmt.split_name(member.name)[0]
             if key != last:
                 n, last = n + 1, key
     return n
 
 
-def _read_info(path: Path) -> dict:
+def _read_info(folder: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ShardError(f"{path} is not readable JSON ({e}); re-run `python -m data_tools shard`") from None
+        return fmt.read_info(folder)
+    except fmt.FormatError as e:
+        raise ShardError(str(e)) from None
 
 
 def _split_info(info: dict, split: str, where: Path) -> dict:
     splits = info.get("splits", {})
     if split not in splits:
         have = ", ".join(sorted(splits)) or "none"
-        raise ShardError(f"{where}/_info.json has no split {split!r} (it has: {have}); set data.train_split/val_split")
+        raise ShardError(f"{where}/{fmt.INFO} has no split {split!r} (it has: {have}); set data.train_split/val_split")
     return splits[split]
 
 
@@ -112,9 +110,8 @@ def _from_info(folder: Path, info: dict, split: str) -> ShardList:
     urls = [str(folder / f) for f in s["filenames"]]
     lengths = [int(n) for n in s["shard_lengths"]]
     if len(urls) != len(lengths):
-        raise ShardError(f"{folder}/_info.json: split {split!r} lists {len(urls)} files but {len(lengths)} lengths")
-    names = list(info.get("class_names", []))
-    return ShardList(urls, lengths, names, info.get("num_classes", len(names) or None))
+        raise ShardError(f"{folder}/{fmt.INFO}: split {split!r} lists {len(urls)} files but {len(lengths)} lengths")
+    return ShardList(urls, lengths, *fmt.info_classes(info))
 
 
 def _match_info(urls: list[str], folder: Path, info: dict, split: str) -> ShardList:
@@ -122,11 +119,10 @@ def _match_info(urls: list[str], folder: Path, info: dict, split: str) -> ShardL
     known: dict[str, int] = {}
     for s in info.get("splits", {}).values():
         known.update(zip(s.get("filenames", []), s.get("shard_lengths", []), strict=False))
-    names = list(info.get("class_names", []))
     lengths = [known.get(Path(_strip_file(u)).name) for u in urls]
     if any(n is None for n in lengths):
         lengths = [count_samples(_strip_file(u)) if n is None else n for u, n in zip(urls, lengths, strict=True)]
-    return ShardList(urls, [int(n) for n in lengths], names, info.get("num_classes", len(names) or None))
+    return ShardList(urls, [int(n) for n in lengths], *fmt.info_classes(info))
 
 
 def _is_local(url: str) -> bool:

@@ -1,13 +1,12 @@
-"""The resumable sample stream: per-worker logic of the training and evaluation datasets.
+"""The resumable training stream: per-worker pipeline of the training dataset (epoch and resampled modes).
 
-An epoch is one global sequence of samples: shards in an order seeded by (seed, epoch), samples in tar order, so
-position p of the epoch names one sample. The work left in an epoch is a list of position intervals ("segment",
-initially [(0, total)]), read as one virtual sequence of R positions. With S = world_size x workers slots and
-global batch G = world_size x B, every rank gets N = floor(R / G) (drop) or ceil(R / G) (wrap; positions >= R wrap
-to the start) batches, worker w of a rank n_w = N // W + (w < N % W) of them; the DataLoader returns them round-robin,
-so batch i of a rank comes from worker i % W. Slot (rank, w) reads the contiguous virtual range of its n_w x B
-positions, shuffles the raw bytes in a buffer seeded by (seed, epoch, slot), then decodes and augments each sample
-with an RNG seeded by (seed, epoch, position): the output never depends on timing.
+Slot (rank, w) reads the contiguous virtual range of its positions (`positions.py`), shuffles the raw bytes in a
+buffer seeded by (seed, epoch, slot), then decodes and augments each sample with an RNG seeded by
+(seed, epoch, position): the output never depends on timing. The pipeline is a list of stages (`stages.py`):
+
+    read the slot's positions (bad samples and shards counted) -> shuffle -> [borrow the positions after the
+    range if bad samples left it short] -> mark drawn positions finished -> replay on resume -> decode + augment
+    -> batch
 
 Each batch carries, per worker, a watermark (every position of the worker's range below it has left the shuffle
 buffer), the number of raw samples drawn so far, and the bad-data counters; `loader.TrainLoader` turns these into
@@ -17,78 +16,16 @@ its state_dict.
 from __future__ import annotations
 
 import bisect
-import hashlib
-import logging
+import itertools
 import random
-import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pretrain.data.decode import BadSample, BadShard, RawSample, image_bytes, label_of, read_shard
-
-log = logging.getLogger("pretrain.data")
-
-
-def mix(*ints: int) -> int:
-    """A 63-bit seed from integers (a hash, so nearby inputs give unrelated streams)."""
-    return int.from_bytes(hashlib.blake2b(struct.pack(f"<{len(ints)}q", *ints), digest_size=8).digest(), "little") >> 1
-
-
-def epoch_offsets(lengths: list[int], seed: int, epoch: int) -> tuple[list[int], list[int]]:
-    """Shard order of an epoch and the first position of each shard in that order (plus the total at the end)."""
-    order = list(range(len(lengths)))
-    random.Random(mix(seed, epoch)).shuffle(order)
-    offsets = [0]
-    for k in order:
-        offsets.append(offsets[-1] + lengths[k])
-    return order, offsets
-
-
-def batches_per_rank(remaining: int, world_size: int, batch_size: int, remainder: str) -> int:
-    """Batches every rank yields for `remaining` positions (equal on all ranks)."""
-    g = world_size * batch_size
-    return remaining // g if remainder == "drop" else -(-remaining // g)
-
-
-def worker_quotas(n: int, workers: int) -> list[int]:
-    """Batches per worker so that round-robin order gives batch i to worker i % workers."""
-    return [n // workers + (w < n % workers) for w in range(workers)]
-
-
-def slot_range(rank: int, worker: int, n: int, quotas: list[int], batch_size: int) -> tuple[int, int]:
-    """Virtual range [start, end) of slot (rank, worker)."""
-    start = rank * n * batch_size + batch_size * sum(quotas[:worker])
-    return start, start + quotas[worker] * batch_size
-
-
-def virtual_runs(intervals: list[list[int]], v0: int, v1: int) -> Iterator[tuple[int, int, int]]:
-    """Contiguous runs (global_start, global_end, virtual_start) of virtual positions [v0, v1); wraps past the end."""
-    cum = [0]
-    for a, b in intervals:
-        cum.append(cum[-1] + b - a)
-    total, v = cum[-1], v0
-    while v < v1 and total:
-        u = v % total
-        i = bisect.bisect_right(cum, u) - 1
-        off = u - cum[i]
-        take = min(intervals[i][1] - intervals[i][0] - off, v1 - v)
-        yield intervals[i][0] + off, intervals[i][0] + off + take, v
-        v += take
-
-
-def merge(intervals: list[tuple[int, int]]) -> list[list[int]]:
-    """Sorted, merged, non-empty intervals."""
-    out: list[list[int]] = []
-    for a, b in sorted(i for i in intervals if i[1] > i[0]):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return out
+from pretrain.data.positions import batches_per_rank, epoch_offsets, mix, slot_range, virtual_runs, worker_quotas
+from pretrain.data.stages import Counters, Sample, augmented, batched, labelled, replay, shard_samples, shuffled
 
 
 @dataclass
@@ -110,79 +47,30 @@ class StreamSpec:
     img_size: int = 224
 
 
-@dataclass
-class Counters:
-    """Bad-data counts of one worker (cumulative); they travel to the main process with every batch."""
+class Finished:
+    """Which positions of a slot's own virtual range [v0, v1) are finished work (drawn, bad or missing), and the
+    watermark below which all of them are: where a resume with another layout may start."""
 
-    bad_samples: int = 0
-    bad_shards: int = 0
-    last_bad_shard: str = ""
-    notes: list[str] = field(default_factory=list)
+    def __init__(self, v0: int, v1: int):
+        self.v0, self.done, self.mark = v0, np.zeros(v1 - v0, dtype=bool), 0
 
-    def shard(self, err: BadShard, limit: int) -> None:
-        self.bad_shards += 1
-        self.last_bad_shard = err.url
-        log.warning("skipping bad shard %s (%d so far)", err, self.bad_shards)
-        if self.bad_shards > limit:
-            raise RuntimeError(
-                f"{self.bad_shards} bad shards (limit data.max_bad_shards={limit}); the last was {err}. "
-                "Check the shards with `python -m data_tools verify`, or raise the limit"
-            )
+    def set(self, v: int) -> None:
+        if 0 <= v - self.v0 < len(self.done):
+            self.done[v - self.v0] = True
 
-    def sample(self, why: str) -> None:
-        self.bad_samples += 1
-        if self.bad_samples <= 20 or self.bad_samples % 1000 == 0:
-            log.warning("skipping bad sample: %s (%d so far)", why, self.bad_samples)
+    def set_range(self, a: int, b: int) -> None:
+        self.done[max(a - self.v0, 0) : max(b - self.v0, 0)] = True
 
-    def as_dict(self) -> dict:
-        return {"bad_samples": self.bad_samples, "bad_shards": self.bad_shards, "last_bad_shard": self.last_bad_shard}
+    def track(self, samples: Iterator[Sample]) -> Iterator[Sample]:
+        """The samples unchanged; each one drawn is finished work."""
+        for sample in samples:
+            self.set(sample.v)
+            yield sample
 
-
-def shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Reservoir-style shuffle buffer: emits a random held item for each new one, then the rest in random order."""
-    buf: list = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = rng.randrange(size)
-        yield buf[j]
-        buf[j] = item
-    rng.shuffle(buf)
-    yield from buf
-
-
-def label_tensor(labels: list[list[int]], multilabel: bool) -> torch.Tensor:
-    """int64 (B,) first labels, or (B, K) all labels padded with -1 for multi-label data."""
-    if not multilabel:
-        return torch.tensor([x[0] for x in labels], dtype=torch.int64)
-    k = max(len(x) for x in labels)
-    return torch.tensor([x + [-1] * (k - len(x)) for x in labels], dtype=torch.int64)
-
-
-class _Batcher:
-    """Fills fixed-size uint8 batches; yields a dict when full."""
-
-    def __init__(self, spec: StreamSpec):
-        self.spec, self.images, self.labels, self.keys = spec, None, [], []
-
-    def add(self, img: torch.Tensor, labels: list[int], key: str) -> bool:
-        if self.images is None:
-            s = self.spec
-            # channels-last, like the crop-resize output: each sample is one contiguous copy (a CHW batch would
-            # need a slow strided transpose per sample)
-            shape = (s.batch_size, 3, s.img_size, s.img_size)
-            self.images = torch.empty(shape, dtype=torch.uint8, memory_format=torch.channels_last)
-        self.images[len(self.keys)] = img
-        self.labels.append(labels)
-        self.keys.append(key)
-        return len(self.keys) == self.spec.batch_size
-
-    def take(self, meta: dict) -> dict:
-        label = label_tensor(self.labels, self.spec.multilabel)
-        out = {"image": self.images, "label": label, "key": self.keys, "_meta": meta}
-        self.images, self.labels, self.keys = None, [], []
-        return out
+    def watermark(self) -> int:
+        while self.mark < len(self.done) and self.done[self.mark]:
+            self.mark += 1
+        return self.mark
 
 
 class TrainStream(IterableDataset):
@@ -238,70 +126,53 @@ class TrainStream(IterableDataset):
         if made >= quotas[w]:
             return
         order, offsets = epoch_offsets(s.lengths, s.seed, epoch)
-        done = np.zeros(v1 - v0, dtype=bool)  # positions of this slot that are finished (emitted or bad)
-        mark = 0
-        slot_seed = mix(s.seed, epoch, s.rank * self.slots + w)
-        own = shuffled(
-            self._read(segment, v0, v1, order, offsets, done, v0), s.shuffle_buffer, random.Random(slot_seed)
-        )
-        # if bad samples leave the slot short, borrow the positions after its range (unshuffled; duplicates are rare)
-        borrowed = self._read(segment, v1, v1 + r, order, offsets, None, v0)
-        batcher, drawn, stored = _Batcher(s), 0, dict(c.as_dict())
-        for src in (own, borrowed):
-            for v, pos, raw, labels in src:
-                drawn += 1
-                if 0 <= v - v0 < len(done):
-                    done[v - v0] = True
-                if drawn <= skip:  # resume: replay the raw stream and the shuffle buffer without decoding
-                    if drawn == skip:
-                        c.bad_samples, c.bad_shards = stored["bad_samples"], stored["bad_shards"]
-                    continue
-                try:
-                    img = s.transform(image_bytes(raw)[0], random.Random(mix(s.seed, epoch, pos, v // max(r, 1))))
-                except BadSample as e:
-                    c.sample(f"{raw.key}: {e}")
-                    continue
-                if batcher.add(img, labels, raw.key):
-                    while mark < len(done) and done[mark]:
-                        mark += 1
-                    made += 1
-                    yield batcher.take({"worker": w, "epoch": epoch, "watermark": mark, "raw": drawn, **c.as_dict()})
-                    if made >= quotas[w]:
-                        return
-        if made < quotas[w]:
-            raise RuntimeError(f"worker {w} of rank {s.rank} found no readable samples to fill its batches")
+        finished = Finished(v0, v1)
+        buffer_rng = random.Random(mix(s.seed, epoch, s.rank * self.slots + w))
+        # The pipeline. If bad samples leave the slot short, it borrows the positions after its range (unshuffled;
+        # duplicates are rare).
+        own = self._positions(epoch, segment, v0, v1, order, offsets, finished)  # the slot's range
+        borrowed = self._positions(epoch, segment, v1, v1 + r, order, offsets, finished)  # read only if needed
+        samples = itertools.chain(shuffled(own, s.shuffle_buffer, buffer_rng), borrowed)
+        samples = finished.track(samples)  # every drawn position is finished work
+        drawn = replay(samples, skip, c)  # resume: pass over the saved run's draws undecoded
+        images = augmented(drawn, s.transform, c)  # decode + augment, seeded per sample
+        for draws, batch in batched(images, s.batch_size, s.img_size, s.multilabel):
+            made += 1
+            meta = {"worker": w, "epoch": epoch, "watermark": finished.watermark(), "raw": draws, **c.as_dict()}
+            yield {**batch, "_meta": meta}
+            if made >= quotas[w]:
+                return
+        raise RuntimeError(f"worker {w} of rank {s.rank} found no readable samples to fill its batches")
 
-    def _read(self, segment, v0, v1, order, offsets, done, own0) -> Iterator[tuple[int, int, RawSample, list[int]]]:
-        """Raw samples of virtual positions [v0, v1) as (virtual, position, sample, labels); bad ones are counted."""
+    def _positions(
+        self,
+        epoch: int,
+        segment: list[list[int]],
+        v0: int,
+        v1: int,
+        order: list[int],
+        offsets: list[int],
+        finished: Finished,
+    ) -> Iterator[Sample]:
+        """Samples of virtual positions [v0, v1); bad samples and positions a shard did not deliver are finished."""
         s, c = self.spec, self.counters
+        r = max(sum(b - a for a, b in segment), 1)
         for g0, g1, vbase in virtual_runs(segment, v0, v1):
             k = bisect.bisect_right(offsets, g0) - 1
             while g0 < g1:
                 while offsets[k + 1] <= g0:  # skip empty shards
                     k += 1
                 i0, i1 = g0 - offsets[k], min(g1, offsets[k + 1]) - offsets[k]
-                url, seen = s.urls[order[k]], i0
-                try:
-                    for i, raw in read_shard(url, i0, i1):
-                        seen = i + 1
-                        v = vbase + (offsets[k] + i - g0)
-                        try:
-                            labels = label_of(raw)
-                            image_bytes(raw)
-                        except BadSample as e:
-                            c.sample(str(e))
-                            if done is not None and 0 <= v - own0 < len(done):
-                                done[v - own0] = True
-                            continue
-                        yield v, offsets[k] + i, raw, labels
-                except BadShard as e:
-                    c.shard(e, s.max_bad_shards)
-                else:
-                    if seen < i1:
-                        c.shard(BadShard(url, f"ended after {seen} samples; _info.json counts more"), s.max_bad_shards)
-                if seen < i1 and done is not None:  # missing samples (bad or short shard) are finished work
-                    lo = vbase + offsets[k] + seen - g0 - own0
-                    done[max(lo, 0) : max(lo + i1 - seen, 0)] = True
+                seen = i0
+                for i, raw in shard_samples(s.urls[order[k]], i0, i1, c, s.max_bad_shards):
+                    seen = i + 1
+                    v, pos = vbase + (offsets[k] + i - g0), offsets[k] + i
+                    labels = labelled(raw, c)
+                    if labels is None:
+                        finished.set(v)
+                    else:
+                        yield Sample(v, mix(s.seed, epoch, pos, v // r), raw, labels)
+                finished.set_range(vbase + offsets[k] + seen - g0, vbase + offsets[k] + i1 - g0)  # not delivered
                 vbase += offsets[k] + i1 - g0
                 g0 = offsets[k] + i1
                 k += 1
@@ -312,41 +183,27 @@ class TrainStream(IterableDataset):
         s, c = self.spec, self.counters
         skip = int((self.resume.get("skip_raw") or [0] * self.slots)[w])
         reseed = int(self.resume.get("reseed", 0))
-        rng = random.Random(mix(s.seed, s.rank, w, reseed))
+        shard_rng = random.Random(mix(s.seed, s.rank, w, reseed))
+        buffer_rng = random.Random(mix(s.seed, s.rank, w, reseed, 1))
+        # The pipeline: as in epoch mode, with whole shards drawn with replacement as the source.
+        samples = self._drawn_shards(shard_rng, (s.seed, s.rank, w, reseed))
+        samples = shuffled(samples, s.shuffle_buffer, buffer_rng)
+        drawn = replay(samples, skip, c)  # resume: pass over the saved run's draws undecoded
+        images = augmented(drawn, s.transform, c)  # decode + augment, seeded per sample
+        for draws, batch in batched(images, s.batch_size, s.img_size, s.multilabel):
+            yield {**batch, "_meta": {"worker": w, "epoch": 0, "watermark": 0, "raw": draws, **c.as_dict()}}
 
-        def source() -> Iterator[tuple[int, int, RawSample, list[int]]]:
-            n, empty = 0, 0
-            while True:
-                url, got = s.urls[rng.randrange(len(s.urls))], 0
-                try:
-                    for _, raw in read_shard(url):
-                        try:
-                            labels = label_of(raw)
-                            image_bytes(raw)
-                        except BadSample as e:
-                            c.sample(str(e))
-                            continue
-                        got += 1
-                        n += 1
-                        yield n, n, raw, labels
-                except BadShard as e:
-                    c.shard(e, s.max_bad_shards)
-                empty = 0 if got else empty + 1
-                if empty > 2 * len(s.urls) + 10:
-                    raise RuntimeError(f"no readable samples in {len(s.urls)} shards (e.g. {url})")
-
-        batcher, drawn, stored = _Batcher(s), 0, dict(c.as_dict())
-        buf_rng = random.Random(mix(s.seed, s.rank, w, reseed, 1))
-        for _, n, raw, labels in shuffled(source(), s.shuffle_buffer, buf_rng):
-            drawn += 1
-            if drawn <= skip:
-                if drawn == skip:
-                    c.bad_samples, c.bad_shards = stored["bad_samples"], stored["bad_shards"]
-                continue
-            try:
-                img = s.transform(image_bytes(raw)[0], random.Random(mix(s.seed, s.rank, w, reseed, n)))
-            except BadSample as e:
-                c.sample(f"{raw.key}: {e}")
-                continue
-            if batcher.add(img, labels, raw.key):
-                yield batcher.take({"worker": w, "epoch": 0, "watermark": 0, "raw": drawn, **c.as_dict()})
+    def _drawn_shards(self, rng: random.Random, seed_of: tuple[int, ...]) -> Iterator[Sample]:
+        """Samples of whole shards drawn with replacement; sample n (from 1) is seeded by (*seed_of, n)."""
+        s, c = self.spec, self.counters
+        n, empty = 0, 0
+        while True:
+            url, got = s.urls[rng.randrange(len(s.urls))], 0
+            for _, raw in shard_samples(url, 0, None, c, s.max_bad_shards):
+                labels = labelled(raw, c)
+                if labels is not None:
+                    got, n = got + 1, n + 1
+                    yield Sample(n, mix(*seed_of, n), raw, labels)
+            empty = 0 if got else empty + 1
+            if empty > 2 * len(s.urls) + 10:
+                raise RuntimeError(f"no readable samples in {len(s.urls)} shards (e.g. {url})")

@@ -1,0 +1,199 @@
+"""THE shard format: every rule that `data_tools shard` writes, `data_tools verify` checks and `pretrain.data` reads.
+
+The public ImageNet WebDataset layout plus timm's `_info.json` (reader_wds):
+
+OUT/
+  _info.json          {"name", "splits": {"train": {"name", "num_samples", "filenames", "shard_lengths"}, "val": ...},
+                       "num_classes", "class_names", ...writer's own keys: "fingerprint", "options", "stats", "skipped"}
+  train-000000.tar    samples: consecutive members sharing a key: KEY.<image ext>, KEY.cls, KEY.json
+  val-000000.tar
+
+Shards made elsewhere in this layout work too; this module imports nothing beyond the standard library and
+`data_tools`' own small helpers, so the reader can use it without pulling in the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from data_tools.errors import DataToolsError
+from data_tools.fsutil import atomic_write
+
+INFO = "_info.json"
+"""The dataset description next to the shards."""
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+"""Member extensions read as the sample's image; when a sample has several, the first in this order wins."""
+STORED_EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+"""Formats the writer stores unchanged, as every WebDataset/timm reader decodes them (Pillow format -> member
+extension); any other image is re-encoded as `jpg`."""
+REENCODED_EXT = "jpg"
+"""Member extension of an image the writer re-encoded (RGB JPEG)."""
+LABEL_EXT = "cls"
+META_EXT = "json"
+SAMPLE_EXTS = frozenset((*IMAGE_EXTS, LABEL_EXT, META_EXT))
+"""The only members a reader opens; every other one (e.g. a pickled `.pyd`) is skipped unread."""
+
+
+class FormatError(DataToolsError):
+    """A dataset description that cannot be used; the message names the file and the fix."""
+
+
+class LabelError(ValueError):
+    """A `.cls` member that holds no valid label; the message says why (e.g. `.cls is not an integer label`)."""
+
+
+# ----------------------------------------------------------------------------------------------- samples
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(key, lower-case extension) of a member name.
+
+    webdataset's rule: the key is the path up to the first dot of the last component, the extension the rest
+    (`a/b.seg.png` -> (`a/b`, `seg.png`)); a name without a dot has an empty extension.
+    """
+    head, _, tail = name.rpartition("/")
+    stem, _, ext = tail.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def has_key_form(name: str) -> bool:
+    """True when the member's base name is KEY.EXT with a non-empty KEY (what a sample member looks like)."""
+    stem, dot, _ = name.rpartition("/")[2].partition(".")
+    return bool(stem and dot)
+
+
+def is_ignored(name: str) -> bool:
+    """True for members that belong to no sample: base names starting with `__` (e.g. `__index__`)."""
+    return name.rpartition("/")[2].startswith("__")
+
+
+def sample_key(position: int) -> str:
+    """Key of the sample at `position` of the writer's global shuffled order: unique across splits and shards."""
+    return f"{position:09d}"
+
+
+def image_ext(members: Mapping[str, object]) -> str | None:
+    """The extension of the sample's image among its members (by lower-case extension), or None when it has none."""
+    return next((ext for ext in IMAGE_EXTS if ext in members), None)
+
+
+def parse_cls(raw: bytes) -> list[int]:
+    """The label(s) of a `.cls` member: ASCII integers, several separated by commas or spaces (`3`, `3,7`).
+
+    Raises:
+        LabelError: not ASCII integers, no label at all, or a negative one.
+    """
+    try:
+        labels = [int(t) for t in raw.decode("ascii").replace(",", " ").split()]
+    except (UnicodeDecodeError, ValueError):
+        raise LabelError(".cls is not an integer label") from None
+    if not labels or min(labels) < 0:
+        raise LabelError(".cls holds no valid label")
+    return labels
+
+
+def cls_bytes(labels: int | Sequence[int]) -> bytes:
+    """A `.cls` member: one label as `7`, several as `3,7`."""
+    if isinstance(labels, Sequence):
+        return ",".join(str(x) for x in labels).encode()
+    return str(labels).encode()
+
+
+def parse_json(raw: bytes) -> dict:
+    """A `.json` member as a dict (a JSON value that is not an object gives {}).
+
+    Raises:
+        ValueError: the bytes are not JSON.
+    """
+    meta = json.loads(raw)
+    return meta if isinstance(meta, dict) else {}
+
+
+def json_bytes(meta: dict) -> bytes:
+    """A `.json` member: compact, key-sorted (the writer's metadata: class, path, width, height)."""
+    return json.dumps(meta, sort_keys=True).encode()
+
+
+# ----------------------------------------------------------------------------------------------- shards
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of shard `index` of `split`, e.g. `train-000003.tar`."""
+    return f"{split}-{index:06d}.tar"
+
+
+def shard_glob(split: str) -> str:
+    """Glob matching the shard files of `split` in a folder."""
+    return f"{split}-*.tar"
+
+
+def brace_pattern(split: str, count: int) -> str:
+    """Brace-expandable pattern naming all `count` shards of `split`, e.g. `train-{000000..000012}.tar`."""
+    if count == 1:
+        return shard_name(split, 0)
+    return f"{split}-{{{0:06d}..{count - 1:06d}}}.tar"
+
+
+# ----------------------------------------------------------------------------------------------- _info.json
+
+
+def split_entry(split: str, lengths: Sequence[int]) -> dict:
+    """One split of `_info.json` (timm's keys): shard i is `shard_name(split, i)` and holds `lengths[i]` samples."""
+    return {
+        "name": split,
+        "num_samples": sum(lengths),
+        "filenames": [shard_name(split, i) for i in range(len(lengths))],
+        "shard_lengths": list(lengths),
+    }
+
+
+def make_info(name: str, class_names: Sequence[str], splits: Mapping[str, Sequence[int]], **extra: object) -> dict:
+    """An `_info.json` object: name, splits (split -> samples per shard), the class list, then `extra` keys."""
+    return {
+        "name": name,
+        "splits": {split: split_entry(split, lengths) for split, lengths in splits.items()},
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        **extra,
+    }
+
+
+def info_classes(info: dict) -> tuple[list[str], int | None]:
+    """(class names, number of classes) of an `_info.json`; names may be absent (shards made elsewhere): [].
+
+    `num_classes` falls back to the length of the class list, and is None when neither is given.
+    """
+    names = list(info.get("class_names") or [])
+    return names, info.get("num_classes", len(names) or None)
+
+
+def read_info(folder: str | os.PathLike) -> dict:
+    """Read `folder/_info.json`.
+
+    Raises:
+        FormatError: the file is missing, is not JSON, or is not a JSON object with a `splits` object.
+    """
+    path = Path(folder) / INFO
+    if not path.is_file():
+        raise FormatError(f"'{path}' not found; pass a folder written by `data_tools shard`")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FormatError(f"'{path}' is not valid JSON ({e}); re-run `data_tools shard` to rewrite it") from e
+    if not isinstance(info, dict) or not isinstance(info.get("splits", {}), dict):
+        raise FormatError(f"'{path}' is not a dataset description (no splits object); re-run `data_tools shard`")
+    return info
+
+
+def write_json(path: str | os.PathLike, obj: dict) -> None:
+    """Write `obj` as indented, key-sorted JSON, atomically (the style of `_info.json` and the writer's markers)."""
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def write_info(folder: str | os.PathLike, info: dict) -> None:
+    """Write `folder/_info.json` atomically: a reader never sees a half-written description."""
+    write_json(Path(folder) / INFO, info)

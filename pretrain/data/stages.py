@@ -118,9 +118,12 @@ def replay(items: Iterator[T], skip: int, counters: Counters) -> Iterator[tuple[
     """`(draws so far, item)` for each item after the first `skip`, which are drawn and passed over undecoded.
 
     A resumed worker re-reads its raw samples and replays its shuffle buffer up to where the saved run stopped. The
-    replay meets the saved run's bad data again, so after it the counters are set back to the saved ones.
+    replay meets the saved run's bad data again: the counters restart from zero for it (so a limit is not reached
+    by counting the same bad shard twice) and are set back to the saved ones where the saved run stopped.
     """
     stored = counters.as_dict()
+    if skip:
+        counters.bad_samples = counters.bad_shards = 0
     drawn = 0
     for item in items:
         drawn += 1

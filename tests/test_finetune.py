@@ -47,8 +47,8 @@ def subset_dir(digits_dir, digits_shards, tmp_path_factory) -> Path:
 def backbone_dir(digits_shards, tmp_path_factory) -> Path:
     """A quickly pretrained backbone, head dropped, in the timm export layout (as `export --head drop` writes)."""
     tmp = tmp_path_factory.mktemp("backbone")
-    ft.finetune(str(digits_shards), model="vit_test_patch4", steps=120, lr=3e-3, optimizer="adamw",
-                weight_decay=0.05, warmup_steps=10, out=str(tmp / "pre"), **COMMON)  # fmt: skip
+    adamw = dict(lr=3e-3, optimizer="adamw", weight_decay=0.05, warmup_steps=10)
+    ft.finetune(str(digits_shards), model="vit_test_patch4", steps=120, out=str(tmp / "pre"), **adamw, **COMMON)
     bb = load_backbone(tmp / "pre", num_classes=0)
     save_backbone(bb.model, tmp / "drop", export_files(bb.model, bb.variant, [], bb.mean, bb.std, bb.crop_pct))
     return tmp / "drop"
@@ -99,14 +99,16 @@ def test_predict_prints_top5_with_class_names(compared, digits_dir, capsys):
 
 
 def test_linear_probe_trains_the_head_only(backbone_dir, subset_dir, digits_shards, tmp_path):
-    r = ft.finetune(str(subset_dir), weights=str(backbone_dir), val_data=str(digits_shards), steps=3, lr=0.05,
-                    freeze_backbone=True, out=str(tmp_path / "probe"), **COMMON)  # fmt: skip
+    probe = dict(val_data=str(digits_shards), steps=3, lr=0.05, freeze_backbone=True, out=str(tmp_path / "probe"))
+    r = ft.finetune(str(subset_dir), weights=str(backbone_dir), **probe, **COMMON)
     before, after = load_file(backbone_dir / "model.safetensors"), load_file(tmp_path / "probe" / "model.safetensors")
     assert set(after) - set(before) == {"head.weight", "head.bias"}
     for k, v in before.items():
         assert torch.equal(after[k], v), k
     assert after["head.weight"].abs().sum() > 0  # the zero-initialised head learned
-    assert r["freeze_backbone"] and 0.0 <= r["top1"] <= 1.0
+    assert r["freeze_backbone"] and r["num_val"] == 50 and [h["step"] for h in r["history"]] == [3]
+    saved = json.loads((tmp_path / "probe" / "finetune.json").read_text())
+    assert saved["freeze_backbone"] and saved["top1"] == r["top1"] and "class_names" not in saved
 
 
 def test_img_size_resamples_pos_embed(backbone_dir):
@@ -115,6 +117,19 @@ def test_img_size_resamples_pos_embed(backbone_dir):
     assert bb.model.pos_embed.shape == (1, 1 + 12 * 12, 64)
     torch.testing.assert_close(bb.model.pos_embed.data, resize_pos_embed(saved, 12))
     assert bb.new_head and bb.model(torch.zeros(1, 3, 48, 48)).shape == (1, 5)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    """Default warmup 10% of the steps, then cosine decay to 0: the ViT paper's fine-tuning schedule."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = ft.build_schedule(opt, 20, None)
+    lrs = []
+    for _ in range(21):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:2] == pytest.approx([0.05, 0.1]) and lrs[11] == pytest.approx(0.05) and lrs[20] == pytest.approx(0.0)
+    assert lrs[2] == pytest.approx(0.1) and all(a > b for a, b in zip(lrs[2:20], lrs[3:21], strict=True))
 
 
 def _one_error_line(capsys, *words: str) -> None:
@@ -134,6 +149,13 @@ def test_bad_inputs_exit_2_with_one_line(backbone_dir, digits_shards, digits_dir
     (tmp_path / "notes" / "x.txt").write_text("mine")
     assert ft.main([*data, "--out", str(tmp_path / "notes")]) == 2
     _one_error_line(capsys, "not an earlier result")
+    with pytest.raises(ft.FinetuneError, match="not an earlier result"):  # the Python API checks it too
+        ft.finetune(str(digits_shards), out=str(tmp_path / "notes"), workers=0)
+    (tmp_path / "file").write_text("mine")
+    assert ft.main([*data, "--out", str(tmp_path / "file")]) == 2
+    _one_error_line(capsys, "is a file")
+    assert ft.main([*data, "--batch-size", "0"]) == 2
+    _one_error_line(capsys, "must be positive")
     assert ft.main([*data, "--model", "vit_nope"]) == 2
     _one_error_line(capsys, "unknown model")
     pickled = tmp_path / "pickled"
@@ -157,14 +179,14 @@ def test_exported_demo_backbone_beats_scratch(digits_shards, subset_dir, tmp_pat
     """The real chain: `pretrain.train` (DeepSpeed, one CPU rank) -> `pretrain.export --head drop` -> fine-tune."""
     run, export = tmp_path / "run", tmp_path / "export"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", ".venv/torch_extensions")}
-    cmd = [sys.executable, "-m", "pretrain.train", "--config", "configs/tiny_digits.yaml",
-           f"data.train_shards={digits_shards}", f"data.val_shards={digits_shards}", f"run.output_dir={run}",
-           "train.steps=150", "train.global_batch_size=32", "train.precision=fp32", "deepspeed.zero_stage=1",
-           "checkpoint.every_steps=150", "train.eval_every_steps=150", "train.grad_checkpointing=false"]  # fmt: skip
+    cmd = [sys.executable, "-m", "pretrain.train", "--config", "configs/tiny_digits.yaml", f"run.output_dir={run}"]
+    cmd += [f"data.train_shards={digits_shards}", f"data.val_shards={digits_shards}", "train.steps=150"]
+    cmd += ["train.global_batch_size=32", "train.precision=fp32", "deepspeed.zero_stage=1"]
+    cmd += ["checkpoint.every_steps=150", "train.eval_every_steps=150", "train.grad_checkpointing=false"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run([sys.executable, "-m", "pretrain.export", str(run), str(export), "--format", "timm",
-                           "--head", "drop"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    cmd = [sys.executable, "-m", "pretrain.export", str(run), str(export), "--format", "timm", "--head", "drop"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     kw = dict(val_data=str(digits_shards), val_split="val", steps=STEPS, lr=0.03, **COMMON)
     tuned = ft.finetune(str(subset_dir), weights=str(export), **kw)

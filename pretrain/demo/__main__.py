@@ -22,7 +22,7 @@ from pathlib import Path
 from data_tools.digits import write_digits
 from data_tools.shard import shard
 from data_tools.summary import format_summary
-from pretrain.train.checkpointer import newest_complete
+from pretrain.checkpoint_format import newest_complete
 from pretrain.demo.downstream import check_libraries, finetune_compare
 from pretrain.train.plot import plot, read_metrics
 
@@ -33,9 +33,9 @@ TARGET_TOP1 = 0.80
 def launch(out: Path, shards: Path, steps: int, stop_at: int | None = None) -> int:
     """Run training on 2 CPU ranks; with `stop_at`, interrupt the launcher once that step's checkpoint exists."""
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000), "--module",
-           "pretrain.train", "--config", CONFIG, f"run.output_dir={out}", f"data.train_shards={shards}",
-           f"data.val_shards={shards}", f"train.steps={steps}"]  # fmt: skip
+    port = str(29500 + os.getpid() % 1000)
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", port, "--module", "pretrain.train", "--config", CONFIG]
+    cmd += [f"run.output_dir={out}", f"data.train_shards={shards}", f"data.val_shards={shards}", f"train.steps={steps}"]
     log = open(out.parent / "train.log", "a")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
     for line in proc.stdout:

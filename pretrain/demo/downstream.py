@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pretrain.downstream.backbone import load_backbone
-from pretrain.export import export_checkpoint
 from pretrain.downstream.finetune import finetune
+from pretrain.export import export_checkpoint
 
 
 def sample_images(digits: Path, mean: tuple[float, ...], std: tuple[float, ...], n: int = 8) -> torch.Tensor:

@@ -11,300 +11,306 @@ Without `--weights` the same ViT is trained from scratch: the ViT paper's compar
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import math
 import sys
-import tempfile
-from pathlib import Path
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
-from pretrain.downstream.backbone import Backbone, BackboneError, export_files, load_backbone, read_config, save_backbone
+from data_tools.errors import DataToolsError
 from pretrain.config import DataConfig
-from pretrain.data import ShardError, build_eval_loader, build_train_loader, normalize, resolve_shards
+from pretrain.data import EvalLoader, ShardError, TrainLoader, normalize
+from pretrain.downstream.backbone import (
+    Backbone,
+    BackboneError,
+    export_files,
+    load_backbone,
+    read_config,
+    save_backbone,
+)
+from pretrain.downstream.finetune_data import (
+    LabelledData,
+    build_loaders,
+    data_config,
+    labelled_data,
+    resolve_data,
+    shard_image_folder,
+)
+from pretrain.downstream.options import FinetuneError, FinetuneOptions, parse_options
+from pretrain.losses import softmax_ce
 from pretrain.models.vit import create_vit
+from pretrain.schedule import lr_factor
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = ["FinetuneError", "FinetuneOptions", "finetune", "main", "resolve_data", "run", "shard_image_folder"]
 
 
-class FinetuneError(ValueError):
-    """Bad options or data; the message names the problem and the fix."""
+def build_backbone(weights: str | None, model: str, img_size: int | None, names: list[str]) -> Backbone:
+    """The exported backbone with a head for `names`, or (without `weights`) the variant `model` from scratch."""
+    if weights:
+        # The saved head is reused only for the very same classes; any other data gets a new zero head (ViT paper).
+        same = [str(n) for n in read_config(weights).get("label_names") or []] == names
+        return load_backbone(weights, num_classes=len(names), img_size=img_size, fresh_head=not same)
+    try:
+        net = create_vit(model, num_classes=len(names), img_size=img_size)
+    except ValueError as e:
+        raise FinetuneError(f"--model/--img-size: {e}") from None
+    d = DataConfig()
+    return Backbone(net, model, [], d.mean, d.std, d.eval_crop_pct, new_head=True)
 
 
-def _image_folder(path: Path) -> bool:
-    """A folder of class sub-folders (not shards): no `_info.json` and no `.tar` files in it."""
-    return (
-        path.is_dir()
-        and not (path / "_info.json").exists()
-        and not any(path.glob("*.tar"))
-        and any(d.is_dir() for d in path.iterdir())
+def build_optimizer(
+    net: torch.nn.Module, freeze_backbone: bool, name: str, lr: float, weight_decay: float
+) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """(trained parameters, optimizer); a linear probe trains the head only, the backbone stays as loaded."""
+    if freeze_backbone:
+        net.requires_grad_(False)
+        net.head.requires_grad_(True)
+    params = [p for p in net.parameters() if p.requires_grad]
+    if name == "sgd":  # the ViT paper fine-tunes with SGD, momentum 0.9, no weight decay
+        return params, torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return params, torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def build_schedule(
+    opt: torch.optim.Optimizer, total: int, warmup_steps: int | None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup (default 10% of the steps), then cosine decay to 0: the ViT paper's fine-tuning schedule."""
+    warm = max(min(total // 10 if warmup_steps is None else warmup_steps, total - 1), 0)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, partial(lr_factor, warmup_steps=warm, total_steps=total, decay="cosine")
     )
 
 
-def shard_image_folder(path: Path, val_fraction: float, seed: int) -> Path:
-    """Shard an image folder once into a cache folder named after its file list; return the shard folder."""
-    from data_tools.shard import shard
+class Tuner:
+    """The model, optimizer and LR schedule under accelerate; one `train_step` is one optimizer step."""
 
-    files = sorted(f for f in path.rglob("*") if f.is_file())
-    h = hashlib.sha1(f"{path.resolve()}|{val_fraction}|{seed}".encode())
-    for f in files:  # a changed file list or file gives a new cache folder
-        st = f.stat()
-        h.update(f"{f.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    out = Path(tempfile.gettempdir()) / "pretrain-finetune" / f"{path.name}-{h.hexdigest()[:16]}"
-    if not (out / "_info.json").is_file():
-        shard(path, out, workers=1, seed=seed, val_fraction=val_fraction, progress=False)
-    return out
+    def __init__(
+        self,
+        acc: Accelerator,
+        net: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        sched: torch.optim.lr_scheduler.LambdaLR,
+        params: list[torch.nn.Parameter],
+        grad_clip: float,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
+        self.acc, self.net, self.opt, self.sched = acc, net, opt, sched
+        self.params, self.grad_clip, self.mean, self.std = params, grad_clip, mean, std
+        self.net.train()
 
+    def train_step(self, batch: dict) -> float:
+        """Forward, backward, clip, optimizer and schedule step on one batch; returns the loss."""
+        x = normalize(batch["image"].to(self.acc.device, non_blocking=True), self.mean, self.std)
+        y = batch["label"].to(self.acc.device, non_blocking=True)
+        loss = softmax_ce(self.net(x), y)
+        self.acc.backward(loss)
+        if self.grad_clip > 0:
+            self.acc.clip_grad_norm_(self.params, self.grad_clip)
+        self.opt.step()
+        self.sched.step()  # by hand, once per optimizer step (accelerate would step a prepared one once per process)
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
 
-def resolve_data(
-    data: str, val_data: str | None, train_split: str, val_split: str, val_fraction: float, seed: int
-) -> tuple[str, str, str, str]:
-    """(train shards, train split, val shards, val split) for the two data options (image folders get sharded)."""
-    p = Path(data)
-    if not p.exists() and "{" not in data and "://" not in data and not data.startswith("pipe:"):
-        raise FinetuneError(f"--data {data} does not exist; pass a shard folder or an image folder of class folders")
-    if _image_folder(p):
-        p = shard_image_folder(p, 0.0 if val_data else val_fraction, seed)
-        data, train_split = str(p), "train"
-    if val_data is None:
-        return data, train_split, data, val_split
-    v = Path(val_data)
-    if not v.exists():
-        raise FinetuneError(f"--val-data {val_data} does not exist; pass a shard folder or an image folder")
-    if _image_folder(v):  # all of it is held out: sharded as a single "train" split
-        return data, train_split, str(shard_image_folder(v, 0.0, seed)), "train"
-    return data, train_split, val_data, val_split
-
-
-def _lr_lambda(warmup: int, total: int):
-    """Linear warmup, then cosine decay to 0 (the ViT paper's fine-tuning schedule)."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return f
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step."""
+        return self.sched.get_last_lr()[0]
 
 
-def finetune(
-    data: str,
-    *,
-    weights: str | None = None,
-    out: str | None = None,
-    val_data: str | None = None,
-    train_split: str = "train",
-    val_split: str = "val",
-    model: str = "vit_base_patch16",
-    img_size: int | None = None,
-    epochs: int | None = None,
-    steps: int | None = None,
-    batch_size: int = 32,
-    lr: float = 0.01,
-    optimizer: str = "sgd",
-    weight_decay: float = 0.0,
-    warmup_steps: int | None = None,
-    grad_clip: float = 1.0,
-    freeze_backbone: bool = False,
-    mixed_precision: str = "no",
-    crop_scale_min: float = 0.08,
-    hflip: bool = True,
-    val_fraction: float = 0.1,
-    workers: int = 2,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict:
+class Evaluator:
+    """Held-out top-1 after every epoch and at the end, each image counted once over all processes."""
+
+    def __init__(
+        self,
+        acc: Accelerator,
+        loader: EvalLoader,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        per_epoch: int,
+        total: int,
+    ) -> None:
+        self.acc, self.loader, self.mean, self.std = acc, loader, mean, std
+        self.per_epoch, self.total = per_epoch, total
+
+    def due(self, step: int) -> bool:
+        """True after the last step of an epoch and after the last step of the run."""
+        return step % self.per_epoch == 0 or step == self.total
+
+    @torch.no_grad()
+    def run(self, net: torch.nn.Module) -> tuple[float, int]:
+        """(top-1 in [0, 1], held-out images counted); the stream's padding is masked out."""
+        acc = self.acc
+        net.eval()
+        correct = count = 0
+        for b in self.loader:
+            pred = net(normalize(b["image"].to(acc.device, non_blocking=True), self.mean, self.std)).argmax(-1)
+            pred, y, m = acc.gather_for_metrics((pred, b["label"].to(acc.device), b["mask"].to(acc.device).long()))
+            correct += int(((pred == y) & m.bool()).sum())
+            count += int(m.sum())
+        net.train()
+        return correct / max(count, 1), count
+
+
+class Progress:
+    """The progress bar, the running loss and the per-epoch held-out report, kept as `history`."""
+
+    def __init__(self, total: int, per_epoch: int, desc: str, show_bar: bool, report: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.total, self.per_epoch, self.report = total, per_epoch, report
+        self.bar = tqdm(total=total, desc=desc, disable=not show_bar, dynamic_ncols=True)
+        self.running = 0.0
+        self.history: list[dict] = []
+
+    def log(self, step: int, loss: float, lr: float) -> None:
+        """Advance the bar; the running loss is an exponential average (the first step's loss to start)."""
+        self.running = loss if step == 1 else 0.9 * self.running + 0.1 * loss
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{self.running:.3f}", lr=f"{lr:.2e}", refresh=False)
+
+    def log_eval(self, step: int, top1: float, n_val: int) -> None:
+        """Record the held-out top-1 and print it on the main process (also without the bar: it is the point)."""
+        epoch = math.ceil(step / self.per_epoch)
+        self.history.append({"epoch": epoch, "step": step, "top1": top1, "loss": self.running})
+        if self.report:
+            top = f"held-out top-1 {100 * top1:.2f}% ({n_val})"
+            self.bar.write(f"epoch {epoch} step {step}/{self.total}: loss {self.running:.4f}, {top}")
+
+    def close(self) -> None:
+        """Close the bar."""
+        self.bar.close()
+
+
+@dataclass
+class Parts:
+    """What the loop uses, built by `build`."""
+
+    acc: Accelerator
+    data: LabelledData
+    backbone: Backbone
+    train_loader: TrainLoader
+    tuner: Tuner
+    evaluator: Evaluator
+    progress: Progress
+    total: int
+
+
+def build(o: FinetuneOptions) -> Parts:
+    """The parts of a run, consuming the seeded random numbers in this order: head / weights, loaders, optimizer."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    acc = Accelerator(mixed_precision=o.mixed_precision)
+    set_seed(o.seed)  # same seed, same head and (from scratch) same initial weights on every process
+    with acc.main_process_first():  # the main process shards an image folder; the others then find it done
+        paths = resolve_data(o.data, o.val_data, o.train_split, o.val_split, o.val_fraction, o.seed)
+    data = labelled_data(*paths)
+    bb = build_backbone(o.weights, o.model, o.img_size, data.names)
+    cfg = data_config(
+        data, bb, workers=o.workers, batch_size=o.batch_size, crop_scale_min=o.crop_scale_min, hflip=o.hflip
+    )
+    train, evaluation, per_epoch = build_loaders(
+        cfg,
+        img_size=bb.model.args.img_size,
+        batch_size=o.batch_size,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        seed=o.seed,
+    )
+    total = o.steps or (o.epochs or 1) * per_epoch
+    params, opt = build_optimizer(bb.model, o.freeze_backbone, o.optimizer, o.lr, o.weight_decay)
+    sched = build_schedule(opt, total, o.warmup_steps)
+    net, opt = acc.prepare(bb.model, opt)
+    desc = "linear probe" if o.freeze_backbone else "fine-tune"
+    return Parts(
+        acc=acc,
+        data=data,
+        backbone=bb,
+        train_loader=train,
+        tuner=Tuner(acc, net, opt, sched, params, o.grad_clip, bb.mean, bb.std),
+        evaluator=Evaluator(acc, evaluation, bb.mean, bb.std, per_epoch, total),
+        progress=Progress(total, per_epoch, desc, o.progress and acc.is_local_main_process, acc.is_main_process),
+        total=total,
+    )
+
+
+def run(o: FinetuneOptions) -> dict:
     """Fine-tune (or, with `freeze_backbone`, linear-probe) a backbone and report held-out top-1 every epoch.
-
-    Args mirror the command-line options (docs/finetune.md). `weights` None trains `model` from scratch.
-    `batch_size` is per process. `steps` wins over `epochs`; with neither, one epoch.
 
     Returns:
         {"top1": final held-out top-1 in [0, 1], "history": [{"epoch", "step", "top1", "loss"}, ...], "steps",
-        "num_classes", "class_names", "num_val", "img_size", "out"}.
+        "num_classes", "class_names", "num_val", "img_size", "weights", "freeze_backbone", "out"}.
 
     Raises:
         FinetuneError, BackboneError, ShardError: bad options, weights or data (one-line messages).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    if optimizer not in ("sgd", "adamw"):
-        raise FinetuneError(f"--optimizer must be sgd or adamw, got {optimizer!r}")
-    if mixed_precision not in ("no", "bf16", "fp16"):
-        raise FinetuneError(f"--mixed-precision must be no, bf16 or fp16, got {mixed_precision!r}")
-    if batch_size < 1 or (steps is not None and steps < 1) or (epochs is not None and epochs < 1):
-        raise FinetuneError("--batch-size, --steps and --epochs must be positive")
-    acc = Accelerator(mixed_precision=mixed_precision)
-    set_seed(seed)  # same seed, same head and (from scratch) same initial weights on every process
-
-    with acc.main_process_first():  # the main process shards an image folder; the others then find it done
-        tr, tr_split, va, va_split = resolve_data(data, val_data, train_split, val_split, val_fraction, seed)
-    train_shards = resolve_shards(tr, tr_split)
-    names = train_shards.class_names or [str(i) for i in range(train_shards.num_classes or 0)]
-    if not names:
-        raise FinetuneError(f"{tr} carries no class list (_info.json); shard it with `python -m data_tools shard`")
-    try:
-        val_shards = resolve_shards(va, va_split)
-    except ShardError as e:
-        raise FinetuneError(f"no held-out split ({e}); pass --val-data or --val-split") from None
-    if val_shards.class_names and val_shards.class_names != names:
-        raise FinetuneError(f"{va} has other classes than {tr}; shard both with the same class list (--classes)")
-
-    if weights:
-        # The saved head is reused only for the very same classes; any other data gets a new zero head (ViT paper).
-        same = [str(n) for n in read_config(weights).get("label_names") or []] == names
-        bb = load_backbone(weights, num_classes=len(names), img_size=img_size, fresh_head=not same)
-    else:
-        try:
-            net = create_vit(model, num_classes=len(names), img_size=img_size)
-        except ValueError as e:
-            raise FinetuneError(f"--model/--img-size: {e}") from None
-        d = DataConfig()
-        bb = Backbone(net, model, [], d.mean, d.std, d.eval_crop_pct, new_head=True)
-    net, size = bb.model, bb.model.args.img_size
-
-    cfg = DataConfig(
-        train_shards=tr, val_shards=va, train_split=tr_split, val_split=va_split, num_workers=workers,
-        remainder="wrap", shuffle_buffer=min(2000, max(64, 4 * batch_size)), crop_scale_min=crop_scale_min,
-        hflip=hflip, eval_crop_pct=bb.crop_pct, mean=bb.mean, std=bb.std,
-    )  # fmt: skip
-    rank, world = acc.process_index, acc.num_processes
-    train_loader = build_train_loader(cfg, img_size=size, batch_size=batch_size, rank=rank, world_size=world, seed=seed)
-    eval_loader = build_eval_loader(cfg, img_size=size, batch_size=batch_size, rank=rank, world_size=world)
-    per_epoch = train_loader.batches_per_epoch or 0
-    if per_epoch < 1:
-        raise FinetuneError(f"{tr} has fewer samples than one global batch; lower --batch-size")
-    total = steps or (epochs or 1) * per_epoch
-
-    if freeze_backbone:  # linear probe: only the head learns; the backbone stays bit for bit as loaded
-        net.requires_grad_(False)
-        net.head.requires_grad_(True)
-    params = [p for p in net.parameters() if p.requires_grad]
-    if optimizer == "sgd":  # the ViT paper fine-tunes with SGD, momentum 0.9, no weight decay
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warm = min(total // 10 if warmup_steps is None else warmup_steps, total - 1)
-    # Stepped once per optimizer step by hand (not prepared: accelerate would step it once per process).
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(max(warm, 0), total))
-    net, opt = acc.prepare(net, opt)
-
-    def evaluate() -> tuple[float, int]:
-        net.eval()
-        correct = count = 0
-        with torch.no_grad():
-            for b in eval_loader:
-                x = normalize(b["image"].to(acc.device, non_blocking=True), bb.mean, bb.std)
-                pred = net(x).argmax(-1)
-                pred, y, m = acc.gather_for_metrics((pred, b["label"].to(acc.device), b["mask"].to(acc.device).long()))
-                correct += int(((pred == y) & m.bool()).sum())
-                count += int(m.sum())
-        net.train()
-        return correct / max(count, 1), count
-
-    history: list[dict] = []
-    bar = tqdm(total=total, desc="linear probe" if freeze_backbone else "fine-tune", disable=not progress or
-               not acc.is_local_main_process, dynamic_ncols=True)  # fmt: skip
-    batches, running, top1, n_val = iter(train_loader), 0.0, 0.0, 0
-    net.train()
-    for step in range(1, total + 1):
-        b = next(batches)
-        if b["label"].dim() != 1:
-            raise FinetuneError(f"{tr} is multi-label; fine-tuning needs one class per image")
-        x = normalize(b["image"].to(acc.device, non_blocking=True), bb.mean, bb.std)
-        y = b["label"].to(acc.device, non_blocking=True)
-        loss = F.cross_entropy(net(x).float(), y)
-        acc.backward(loss)
-        if grad_clip > 0:
-            acc.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        running = loss.item() if step == 1 else 0.9 * running + 0.1 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{running:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
-        if step % per_epoch == 0 or step == total:
-            top1, n_val = evaluate()
-            epoch = math.ceil(step / per_epoch)
-            history.append({"epoch": epoch, "step": step, "top1": top1, "loss": running})
-            msg = f"epoch {epoch} step {step}/{total}: loss {running:.4f}, held-out top-1 {100 * top1:.2f}% ({n_val})"
-            if acc.is_main_process:
-                bar.write(msg)  # also without the bar: the per-epoch report is the point
-    bar.close()
-
+    o.check()
+    p = build(o)
+    batches, top1, n_val = iter(p.train_loader), 0.0, 0
+    for step in range(1, p.total + 1):
+        loss = p.tuner.train_step(p.data.single_label(next(batches)))
+        p.progress.log(step, loss, p.tuner.lr)
+        if p.evaluator.due(step):
+            top1, n_val = p.evaluator.run(p.tuner.net)
+            p.progress.log_eval(step, top1, n_val)
+    p.progress.close()
     result = {
-        "top1": top1, "history": history, "steps": total, "num_classes": len(names), "class_names": names,
-        "num_val": n_val, "img_size": size, "weights": weights, "freeze_backbone": freeze_backbone, "out": out,
-    }  # fmt: skip
-    acc.wait_for_everyone()
-    if out and acc.is_main_process:
-        final = acc.unwrap_model(net)
-        files = export_files(final, bb.variant, names, bb.mean, bb.std, bb.crop_pct, step=total)
-        save_backbone(final, out, files | {"finetune.json": {k: v for k, v in result.items() if k != "class_names"}})
-    acc.wait_for_everyone()
-    acc.end_training()
+        "top1": top1,
+        "history": p.progress.history,
+        "steps": p.total,
+        "num_classes": len(p.data.names),
+        "class_names": p.data.names,
+        "num_val": n_val,
+        "img_size": p.backbone.model.args.img_size,
+        "weights": o.weights,
+        "freeze_backbone": o.freeze_backbone,
+        "out": o.out,
+    }
+    save_result(p, result, o.out)
     return result
 
 
-def _check_out(out: str | None) -> None:
-    """Only ever replace an earlier export or fine-tune result, never a folder of something else."""
-    if out is None:
-        return
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise FinetuneError(f"--out {p} is a file; choose a folder name")
-    if p.is_dir() and any(p.iterdir()) and not (p / "config.json").is_file():
-        raise FinetuneError(f"--out {p} exists and is not an earlier result; choose a new folder or remove it")
+def save_result(p: Parts, result: dict, out: str | None) -> None:
+    """Write the model in the export's timm layout plus `finetune.json` (main process), then end accelerate."""
+    acc, bb = p.acc, p.backbone
+    acc.wait_for_everyone()
+    if out and acc.is_main_process:
+        final = acc.unwrap_model(p.tuner.net)
+        files = export_files(final, bb.variant, p.data.names, bb.mean, bb.std, bb.crop_pct, step=p.total)
+        save_backbone(final, out, files | {"finetune.json": {k: v for k, v in result.items() if k != "class_names"}})
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+def finetune(data: str, **options: Any) -> dict:
+    """`run` with the options as keywords (the fields of `FinetuneOptions`): what `make demo` and tests call.
+
+    `weights` None trains `model` from scratch; `batch_size` is per process; `steps` wins over `epochs`; with
+    neither, one epoch.
+    """
+    return run(FinetuneOptions(data=data, **options))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pretrain.finetune", description=__doc__.split("\n")[0])
-    ap.add_argument("--weights", help="exported backbone folder (timm format); omit to train from scratch")
-    ap.add_argument("--data", required=True, help="shard folder with _info.json, or image folder of class folders")
-    ap.add_argument("--val-data", help="held-out shards or image folder (default: the val split of --data)")
-    ap.add_argument("--train-split", default="train", help="split of --data to train on")
-    ap.add_argument("--val-split", default="val", help="held-out split name in the shards")
-    ap.add_argument("--val-fraction", type=float, default=0.1, help="held out of an image --data without --val-data")
-    ap.add_argument("--model", default="vit_base_patch16", help="variant trained from scratch (without --weights)")
-    ap.add_argument("--img-size", type=int, help="input size (default: the backbone's); resamples pos_embed")
-    ap.add_argument("--epochs", type=int, help="passes over the training data (default 1)")
-    ap.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
-    ap.add_argument("--batch-size", type=int, default=32, help="images per process per step")
-    ap.add_argument("--lr", type=float, default=0.01, help="peak learning rate")
-    ap.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="SGD momentum 0.9 as the paper")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--warmup-steps", type=int, help="linear warmup (default: 10%% of the steps), then cosine")
-    ap.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip; 0 disables it")
-    ap.add_argument("--freeze-backbone", action="store_true", help="linear probe: train the head only")
-    ap.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"), help="passed to accelerate")
-    ap.add_argument("--crop-scale-min", type=float, default=0.08, help="RandomResizedCrop lower area bound")
-    ap.add_argument("--no-hflip", dest="hflip", action="store_false", help="no random horizontal flip")
-    ap.add_argument("--workers", type=int, default=2, help="loader worker processes per process")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", help="folder for the result (safetensors + config.json), written atomically")
-    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    a = ap.parse_args(argv)
+    """The command line: one error line and exit code 2 for bad options, weights or data."""
+    o = parse_options(argv, __doc__.split("\n")[0])
     try:
-        _check_out(a.out)
-        r = finetune(**{k: v for k, v in vars(a).items()})
-    except (FinetuneError, BackboneError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # data_tools errors while sharding an image folder are bad input too
-        from data_tools.errors import DataToolsError
-
-        if not isinstance(e, DataToolsError):
-            raise
+        r = run(o)
+    except (FinetuneError, BackboneError, ShardError, DataToolsError) as e:  # DataToolsError: sharding an image folder
         print(f"error: {e}", file=sys.stderr)
         return 2
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return 0
-    print(f"held-out top-1 {100 * r['top1']:.2f}% on {r['num_val']} images after {r['steps']} steps" +
-          (f"; saved {a.out}" if a.out else ""))  # fmt: skip
+    saved = f"; saved {o.out}" if o.out else ""
+    print(f"held-out top-1 {100 * r['top1']:.2f}% on {r['num_val']} images after {r['steps']} steps{saved}")
     return 0
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.downstream.backbone import Backbone, BackboneError, load_backbone
 from pretrain.data import EvalTransform, normalize
 from pretrain.data.decode import BadSample
+from pretrain.downstream.backbone import Backbone, BackboneError, load_backbone
 
 
 class PredictError(ValueError):

@@ -39,8 +39,9 @@ from pathlib import Path
 
 import torch
 
+from pretrain.models.specs import TIMM_NAMES
+from pretrain.models.vit import create_vit, resolve_args, train_flops_per_image
 from pretrain.train.metrics import PEAK_BF16_FLOPS, device_peak_flops
-from pretrain.models.vit import TIMM_NAMES, create_vit, resolve_args, train_flops_per_image
 
 MODELS = ("vit_base_patch16", "vit_large_patch16", "vit_huge_patch14")
 SHORT = {"vit_base_patch16": "ViT-B/16", "vit_large_patch16": "ViT-L/16", "vit_huge_patch14": "ViT-H/14"}

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from data_tools.fsutil import atomic_write
+from pretrain.models.specs import VARIANTS
 
 
 class ConfigError(ValueError):
@@ -289,8 +290,6 @@ def validate(cfg: Config) -> None:
         )
     if cfg.train.precision == "fp16" and cfg.train.loss == "sigmoid" and cfg.model.head_bias_init < -8:
         raise ConfigError("model.head_bias_init below -8 overflows fp16 logits' gradients; use train.precision=bf16")
-    from pretrain.models.vit import VARIANTS  # local import: the model module imports torch, the loader does not need it
-
     if cfg.model.name not in VARIANTS:
         raise ConfigError(f"model.name={cfg.model.name!r} is unknown; choose one of {', '.join(sorted(VARIANTS))}")
 

@@ -267,7 +267,7 @@ def test_output_is_atomic_and_guarded(zero_run, tmp_path, monkeypatch, capsys):
     other = tmp_path / "photos"
     other.mkdir()
     (other / "cat.jpg").write_bytes(b"x")
-    _fails([str(zero_run), str(other), "--format", "timm"], capsys, "not an earlier export")
+    _fails([str(zero_run), str(other), "--format", "timm"], capsys, "not an earlier result")
 
     original = zero.ZeroCheckpoint.tensors
 
@@ -295,6 +295,54 @@ def test_unsupported_models_are_refused():
         check_options(gap, ExportOptions("torchvision"))
     with pytest.raises(ExportError, match="multiple of the patch size"):
         check_options(gap, ExportOptions("timm", img_size=30))
+
+
+def _meta_only_checkpoint(tmp_path: Path, **meta) -> Path:
+    """A tag folder holding only its pretrain_meta.json: enough for every check made before weights are read."""
+    tag = tmp_path / "checkpoints" / TAG
+    tag.mkdir(parents=True)
+    args = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "num_classes": 10}
+    data = {"mean": [0.5] * 3, "std": [0.5] * 3, "eval_crop_pct": 0.875}
+    meta = {"model_name": "vit_test_patch4", "model_args": args, "config": {"data": data}, **meta}
+    (tag / "pretrain_meta.json").write_text(json.dumps(meta))
+    return tmp_path
+
+
+@pytest.mark.parametrize("fmt", ["timm", "torchvision", "hf"])
+def test_unknown_variant_exits_2_naming_the_known_ones(tmp_path, capsys, fmt):
+    run = _meta_only_checkpoint(tmp_path, model_name="vit_gigantic_patch16")
+    known = (
+        "vit_base_patch16, vit_huge_patch14, vit_large_patch16, vit_small_patch16, vit_test_patch4, vit_tiny_patch16"
+    )
+    _fails([str(run), str(tmp_path / "out"), "--format", fmt], capsys, "unknown model 'vit_gigantic_patch16'", known)
+    assert not (tmp_path / "out").exists()
+
+
+def test_meta_without_preprocessing_is_refused(tmp_path, capsys):
+    run = _meta_only_checkpoint(tmp_path, config={})
+    _fails([str(run), str(tmp_path / "out"), "--format", "timm"], capsys, "config.data", "damaged")
+
+
+@pytest.mark.parametrize("name", ["vit_test_patch4", "vit_small_patch16", "vit_huge_patch14"])
+@pytest.mark.parametrize("pool", ["token", "gap"])
+def test_timm_config_reads_back_as_the_same_variant(name, pool):
+    """The timm adapter's config.json, read by the backbone loader, names the variant and arguments exported."""
+    from pretrain.downstream.backbone import args_from_config
+    from pretrain.export.formats import ExportOptions, metadata_files
+    from pretrain.models.vit import resolve_args
+
+    args = resolve_args(name, num_classes=3, pool=pool, img_size=2 * resolve_args(name).img_size)
+    data = {"mean": [0.5] * 3, "std": [0.5] * 3, "eval_crop_pct": 0.9}
+    meta = {"model_name": name, "class_names": ["a", "b", "c"], "config": {"data": data}}
+    cfg = metadata_files(args, meta, ExportOptions("timm"))["config.json"]
+    assert args_from_config(cfg) == (name, args)
+
+
+def test_backbone_refuses_an_unknown_architecture():
+    from pretrain.downstream.backbone import BackboneError, args_from_config
+
+    with pytest.raises(BackboneError, match="'vit_gigantic_patch16_224'.*known: vit_base_patch16_224"):
+        args_from_config({"architecture": "vit_gigantic_patch16_224", "num_classes": 0})
 
 
 def test_reader_never_runs_pickled_code(tmp_path):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.models.vit import TIMM_NAMES, create_vit, resize_pos_embed, resolve_args, train_flops_per_image
+from pretrain.models.specs import SPECS, TIMM_NAMES, ViTArgs, get_spec, spec_of_shape
+from pretrain.models.vit import create_vit, param_shapes, resize_pos_embed, resolve_args, train_flops_per_image
 
 timm = pytest.importorskip("timm")
 
@@ -132,5 +133,29 @@ def test_pre_logits_layer_and_image_size_override():
 
 
 def test_unknown_variant_is_refused():
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="unknown model 'vit_gigantic'; choose one of .*vit_base_patch16"):
         create_vit("vit_gigantic")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ViTArgs(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=5),
+        ViTArgs(img_size=48, patch_size=4, embed_dim=64, depth=1, num_heads=4, num_classes=0, pool="gap"),
+        ViTArgs(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, representation_size=24),
+    ],
+    ids=["token", "gap-headless", "pre-logits"],
+)
+def test_param_shapes_equal_the_models_state_dict(args):
+    """The export checks checkpoints against `param_shapes` without building the model: it must stay in step."""
+    with torch.device("meta"):
+        sd = create_vit("vit_test_patch4", **vars(args)).state_dict()
+    assert list(param_shapes(args).items()) == [(k, tuple(v.shape)) for k, v in sd.items()]
+
+
+def test_each_variant_is_declared_once_and_found_by_shape():
+    assert set(TIMM_NAMES) == {n for n, s in SPECS.items() if s.timm} and "vit_test_patch4" not in TIMM_NAMES
+    for name, spec in SPECS.items():
+        assert get_spec(name) is spec and spec.name == name
+        assert spec_of_shape(resolve_args(name, img_size=384, num_classes=3, pool="gap")) is spec
+    assert spec_of_shape(resolve_args("vit_base_patch16", depth=6)) is None

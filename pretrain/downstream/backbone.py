@@ -15,13 +15,10 @@ from pathlib import Path
 
 import torch
 
-from pretrain.models.vit import TIMM_NAMES, VARIANTS, VisionTransformer, ViTArgs, resize_pos_embed
-
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
-
-# Shape fields that identify a variant (img_size and the head do not).
-_SHAPE = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+from pretrain.config import DataConfig
+from pretrain.export.formats import CONFIG, TIMM, WEIGHTS, ExportOptions, metadata_files
+from pretrain.models.specs import SPECS, ViTArgs, spec_of_shape
+from pretrain.models.vit import VisionTransformer, resize_pos_embed
 
 
 class BackboneError(ValueError):
@@ -35,7 +32,7 @@ class Backbone:
     model: VisionTransformer
     """The ViT with the exported weights (and a new zero-initialised head when the class count changed)."""
     variant: str
-    """Our variant name (`pretrain.models.vit.VARIANTS`), or the timm architecture name when no variant matches."""
+    """Our variant name (`pretrain.models.specs.SPECS`)."""
     class_names: list[str]
     """Names of the head's classes (empty for a new head or a head-less export)."""
     mean: tuple[float, ...]
@@ -73,15 +70,20 @@ def read_config(path: str | Path) -> dict:
 
 
 def args_from_config(cfg: dict) -> tuple[str, ViTArgs]:
-    """timm's `architecture` + `model_args` -> (our variant name, ViTArgs), head size from `num_classes`."""
+    """timm's `architecture` + `model_args` -> (our variant name, ViTArgs), head size from `num_classes`.
+
+    The variant is the registered one of the same shape, else the one the architecture name starts from (with the
+    shape of `model_args`). Raises BackboneError for an architecture of no registered variant.
+    """
     arch = cfg["architecture"]
-    base_name = re.sub(r"_\d+$", "", arch)  # vit_base_patch16_384 -> vit_base_patch16
-    by_timm = {re.sub(r"_\d+$", "", t): ours for ours, t in TIMM_NAMES.items()}
-    base = VARIANTS.get(by_timm.get(base_name, base_name), ViTArgs())
+    spec = TIMM.spec_of(arch)
+    if spec is None:
+        known = ", ".join(sorted(s.timm for s in SPECS.values() if s.timm))
+        raise BackboneError(f"architecture {arch!r} in {CONFIG} is no registered ViT variant; known: {known}")
     m = re.search(r"_(\d+)$", arch)
     margs = dict(cfg.get("model_args") or {})
-    known = {f.name for f in fields(ViTArgs)}
-    over: dict = {k: v for k, v in margs.items() if k in known}
+    known_args = {f.name for f in fields(ViTArgs)}
+    over: dict = {k: v for k, v in margs.items() if k in known_args}
     if "global_pool" in margs:
         if margs["global_pool"] not in ("token", "avg"):
             raise BackboneError(f"global_pool {margs['global_pool']!r} is not supported; only 'token' and 'avg'")
@@ -91,12 +93,10 @@ def args_from_config(cfg: dict) -> tuple[str, ViTArgs]:
     over["num_classes"] = int(cfg.get("num_classes", margs.get("num_classes", 0)) or 0)
     over["representation_size"] = None  # timm ViTs have no pre-logits layer; exports drop ours
     try:
-        args = replace(base, **over)
+        args = replace(spec.args, **over)
     except TypeError as e:
         raise BackboneError(f"model_args of {arch} do not fit a ViT ({e}); export with --format timm") from e
-    shape = tuple(getattr(args, k) for k in _SHAPE)
-    variant = next((n for n, v in VARIANTS.items() if tuple(getattr(v, k) for k in _SHAPE) == shape), base_name)
-    return variant, args
+    return (spec_of_shape(args) or spec).name, args
 
 
 def load_backbone(
@@ -167,9 +167,9 @@ def load_backbone(
         model=model,
         variant=variant,
         class_names=[] if new_head or len(names) != classes else names,
-        mean=tuple(pcfg.get("mean", (0.5, 0.5, 0.5))),
-        std=tuple(pcfg.get("std", (0.5, 0.5, 0.5))),
-        crop_pct=float(pcfg.get("crop_pct", 0.875)),
+        mean=tuple(pcfg.get("mean", DataConfig.mean)),
+        std=tuple(pcfg.get("std", DataConfig.std)),
+        crop_pct=float(pcfg.get("crop_pct", DataConfig.eval_crop_pct)),
         new_head=new_head,
     )
 
@@ -179,8 +179,6 @@ def export_files(
 ) -> dict[str, dict]:
     """`config.json` (timm `local-dir:` layout) and `export_info.json` for a model, as `pretrain.export` writes them,
     so `load_backbone`, `pretrain.predict` and timm read a fine-tuned result like an export."""
-    from pretrain.export.formats import ExportOptions, metadata_files
-
     meta = {
         "model_name": variant,
         "class_names": list(class_names),

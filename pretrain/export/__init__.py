@@ -13,7 +13,6 @@ See docs/export.md.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -22,27 +21,36 @@ from typing import Any
 
 import torch
 
-from pretrain.train.checkpointer import META, checkpoints_dir, complete_tags, newest_complete
+from data_tools.fsutil import atomic_path, check_replaceable
+from pretrain import checkpoint_format
+from pretrain.checkpoint_format import META, CheckpointError
 from pretrain.export.formats import (
     DTYPES,
     FORMATS,
+    INFO,
+    WEIGHTS,
     ExportError,
     ExportOptions,
     check_options,
-    expected_shapes,
     map_tensor,
     metadata_files,
     target_args,
 )
 from pretrain.export.safetensors_stream import write_safetensors
 from pretrain.export.zero import ZeroCheckpoint, ZeroCheckpointError
-from data_tools.fsutil import atomic_path
-from pretrain.models.vit import ViTArgs
+from pretrain.models.specs import ViTArgs
+from pretrain.models.vit import param_shapes
 
-__all__ = ["DTYPES", "FORMATS", "ExportError", "ExportOptions", "ExportResult", "export_checkpoint", "find_checkpoint"]
-
-WEIGHTS = "model.safetensors"
-_STEP_TAG = re.compile(r"^step_\d+$")
+__all__ = [
+    "DTYPES",
+    "FORMATS",
+    "WEIGHTS",
+    "ExportError",
+    "ExportOptions",
+    "ExportResult",
+    "export_checkpoint",
+    "find_checkpoint",
+]
 
 
 @dataclass(frozen=True)
@@ -67,39 +75,15 @@ def find_checkpoint(path: str | Path, tag: str | None = None) -> Path:
     Without `tag`: `latest` if it names a complete tag, else the highest complete step. A tag folder without
     `pretrain_meta.json` (the run died while saving) is never picked. Raises ExportError with the fix.
     """
-    p = Path(path)
-    if not p.is_dir():
-        raise ExportError(f"{p} is not a folder; pass a run folder or its checkpoints/ folder")
-    if tag is None and (p / META).is_file():  # a tag folder itself
-        return p
-    if tag is None and _STEP_TAG.match(p.name):
-        raise ExportError(
-            f"{p} is an incomplete checkpoint (no {META}: the run died while saving it); use an older tag"
-        )
-    ckpt_dir = checkpoints_dir(p)
-    complete = [t for _, t in complete_tags(ckpt_dir)]
-    if tag is not None:
-        d = ckpt_dir / tag
-        if not d.is_dir():
-            have = ", ".join(complete[-5:]) or "none"
-            raise ExportError(f"tag {tag!r} does not exist in {ckpt_dir}; complete tags: {have}")
-        if not (d / META).is_file():
-            raise ExportError(f"tag {tag!r} is incomplete (no {META}: the run died while saving it); use an older tag")
-        return d
-    found = newest_complete(ckpt_dir)
-    if found is None:
-        if any(_STEP_TAG.match(d.name) for d in ckpt_dir.iterdir() if d.is_dir()):
-            raise ExportError(
-                f"{ckpt_dir} holds only incomplete checkpoints (no {META}: the run died while saving); "
-                "resume training to write a complete one"
-            )
-        raise ExportError(f"{p} is not a checkpoint folder (no tag with {META}); pass a run folder or its checkpoints/")
-    return ckpt_dir / found
+    try:
+        return checkpoint_format.find_complete(path, tag)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
 
 
 def _read_meta(tag_dir: Path) -> tuple[dict[str, Any], ViTArgs]:
     try:
-        meta = json.loads((tag_dir / META).read_text())
+        meta = checkpoint_format.read_meta(tag_dir)
         known = {f.name for f in fields(ViTArgs)}
         args = ViTArgs(**{k: v for k, v in meta["model_args"].items() if k in known})
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -109,10 +93,10 @@ def _read_meta(tag_dir: Path) -> tuple[dict[str, Any], ViTArgs]:
 
 def _check_out(out: Path) -> None:
     """Only replace an earlier export: never a folder of something else a user mistyped as OUT."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is a file; choose a folder name for OUT")
-    if out.is_dir() and any(out.iterdir()) and not (out / "export_info.json").is_file():
-        raise ExportError(f"{out} exists and is not an earlier export; choose a new folder or remove it")
+    try:
+        check_replaceable(out, INFO, "OUT")
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def export_checkpoint(
@@ -132,10 +116,10 @@ def export_checkpoint(
     tag_dir = find_checkpoint(checkpoint, tag)
     meta, args = _read_meta(tag_dir)
     check_options(args, opts)
-    new_args = target_args(args, opts)
+    files = metadata_files(target_args(args, opts), meta, opts)  # refuses an unknown model before any weight is read
     with ZeroCheckpoint(tag_dir) as ckpt:
         shapes = ckpt.shapes()
-        want = expected_shapes(args)
+        want = param_shapes(args)
         wrong = [k for k in want if k not in shapes or tuple(shapes[k][0]) != tuple(want[k])]
         extra = [k for k in shapes if k not in want]
         if wrong or extra:
@@ -149,16 +133,11 @@ def export_checkpoint(
             for name, (shape, dt) in shapes.items()
             for k, t in map_tensor(name, torch.empty(shape, dtype=dt, device="meta"), args, opts)
         }
-
-        def stream() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor in ckpt.tensors():
-                yield from map_tensor(name, tensor, args, opts)
-
         with atomic_path(out) as tmp:
             tmp.mkdir()
             info = {"format": "pt", "source": "pretrain.export", "tag": tag_dir.name, "export_format": format}
-            write_safetensors(tmp / WEIGHTS, plan, stream(), info)
-            for name, content in metadata_files(new_args, meta, opts).items():
+            write_safetensors(tmp / WEIGHTS, plan, _mapped(ckpt, args, opts), info)
+            for name, content in files.items():
                 (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
     return ExportResult(
         out=out,
@@ -167,6 +146,12 @@ def export_checkpoint(
         num_params=sum(int(torch.Size(s).numel()) for s, _ in plan.values()),
         seconds=time.perf_counter() - t0,
     )
+
+
+def _mapped(ckpt: ZeroCheckpoint, args: ViTArgs, opts: ExportOptions) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's fp32 tensors in the target format, one at a time."""
+    for name, tensor in ckpt.tensors():
+        yield from map_tensor(name, tensor, args, opts)
 
 
 def errors() -> tuple[type[Exception], ...]:

@@ -5,57 +5,30 @@ Parameter names and shapes equal timm's `VisionTransformer`, so `model.state_dic
 The optional pre-logits layer of the paper's ImageNet-21k models (`pre_logits.fc`) has no timm counterpart;
 it is dropped with the head on export.
 
-This module never imports DeepSpeed or torch.distributed: wrapping happens in `pretrain.train.engine`.
+The variants and their arguments (`ViTArgs`) are declared in `pretrain.models.specs`. This module never imports
+DeepSpeed or torch.distributed: wrapping happens in `pretrain.train.engine`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pretrain.models.specs import ViTArgs, resolve_args
 
-@dataclass(frozen=True)
-class ViTArgs:
-    """Shape and regularisation of one ViT."""
-
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    num_classes: int = 1000
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    pool: str = "token"  # "token" (class token, as in the paper) or "gap" (global average pooling + fc_norm)
-    representation_size: int | None = None  # pre-logits width of the paper's i21k models; None: no such layer
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    head_bias_init: float = 0.0
-
-
-VARIANTS: dict[str, ViTArgs] = {
-    # A CPU-sized model for tests and the demo: 32 px images, 4x4 patches, 4 blocks.
-    "vit_test_patch4": ViTArgs(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4),
-    "vit_tiny_patch16": ViTArgs(embed_dim=192, depth=12, num_heads=3),
-    "vit_small_patch16": ViTArgs(embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch16": ViTArgs(embed_dim=768, depth=12, num_heads=12),
-    "vit_large_patch16": ViTArgs(embed_dim=1024, depth=24, num_heads=16),
-    "vit_huge_patch14": ViTArgs(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
-}
-
-# timm's name for each variant at its default size (used by export and tests; the shapes must match).
-TIMM_NAMES: dict[str, str] = {
-    "vit_tiny_patch16": "vit_tiny_patch16_224",
-    "vit_small_patch16": "vit_small_patch16_224",
-    "vit_base_patch16": "vit_base_patch16_224",
-    "vit_large_patch16": "vit_large_patch16_224",
-    "vit_huge_patch14": "vit_huge_patch14_224",
-}
+__all__ = [
+    "VisionTransformer",
+    "ViTArgs",
+    "create_vit",
+    "param_shapes",
+    "resize_pos_embed",
+    "resolve_args",
+    "train_flops_per_image",
+]
 
 
 class PatchEmbed(nn.Module):
@@ -227,16 +200,45 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def resolve_args(name: str, **overrides: object) -> ViTArgs:
-    """The variant's arguments with `overrides` applied (None values keep the default)."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(VARIANTS))}")
-    return replace(VARIANTS[name], **{k: v for k, v in overrides.items() if v is not None})
-
-
 def create_vit(name: str, **overrides: object) -> VisionTransformer:
     """Build a registered variant, e.g. `create_vit("vit_base_patch16", num_classes=21843, img_size=384)`."""
     return VisionTransformer(resolve_args(name, **overrides))
+
+
+def param_shapes(args: ViTArgs) -> dict[str, tuple[int, ...]]:
+    """`VisionTransformer(args).state_dict()`'s names and shapes, in its order, without building the model (the
+    export checks a checkpoint against them: building, even on the meta device, costs more than the export)."""
+    D, hidden, grid = args.embed_dim, int(args.embed_dim * args.mlp_ratio), args.img_size // args.patch_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "cls_token": (1, 1, D),
+        "pos_embed": (1, 1 + grid * grid, D),
+        "patch_embed.proj.weight": (D, args.in_chans, args.patch_size, args.patch_size),
+        "patch_embed.proj.bias": (D,),
+    }
+    block = {
+        "norm1.weight": (D,),
+        "norm1.bias": (D,),
+        "attn.qkv.weight": (3 * D, D),
+        "attn.qkv.bias": (3 * D,),
+        "attn.proj.weight": (D, D),
+        "attn.proj.bias": (D,),
+        "norm2.weight": (D,),
+        "norm2.bias": (D,),
+        "mlp.fc1.weight": (hidden, D),
+        "mlp.fc1.bias": (hidden,),
+        "mlp.fc2.weight": (D, hidden),
+        "mlp.fc2.bias": (D,),
+    }
+    for i in range(args.depth):
+        shapes.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
+    norm = "norm" if args.pool == "token" else "fc_norm"
+    shapes[f"{norm}.weight"], shapes[f"{norm}.bias"] = (D,), (D,)
+    width = args.representation_size or 0
+    if width:
+        shapes["pre_logits.fc.weight"], shapes["pre_logits.fc.bias"] = (width, D), (width,)
+    if args.num_classes > 0:
+        shapes["head.weight"], shapes["head.bias"] = (args.num_classes, width or D), (args.num_classes,)
+    return shapes
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:

@@ -39,7 +39,7 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     name: str = "vit_base_patch16"
-    """Variant from `pretrain.models.vit.VARIANTS`."""
+    """Variant from the registry `pretrain.models.specs.SPECS`."""
     img_size: int | None = None
     """Input resolution; None keeps the variant's default (224)."""
     num_classes: int | None = None

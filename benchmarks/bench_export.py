@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.machine import print_ratio
 from pretrain.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{c['params_mib']} MiB): peak ours {o['peak_mib']:.0f} MiB / {o['seconds']:.2f} s, deepspeed "
             f"{d['peak_mib']:.0f} MiB / {d['seconds']:.2f} s, idle process {i['peak_mib']:.0f} MiB"
         )
-    print(json.dumps({k: r[k] for k in ("ours", "baseline", "ratio", "units")}))
-    print(f"ratio: {r['ratio']:.2f}x")
+    print_ratio(r)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import resource
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 from PIL import Image
 from webdataset import ShardWriter
 
+from benchmarks.machine import print_ratio
 from data_tools.digits import write_photos
 from data_tools.images import DEFAULT_QUALITY, target_size
 from data_tools.shard import shard
@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         f"resize {SHORTER} + JPEG q{DEFAULT_QUALITY}: ours --workers 2 {r['ours']:.1f} images/s, "
         f"baseline ShardWriter loop {r['baseline']:.1f} images/s"
     )
-    print(json.dumps({k: r[k] for k in ("ours", "baseline", "ratio", "units")}))
-    print(f"ratio: {r['ratio']:.2f}x")
+    print_ratio(r)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -87,3 +88,9 @@ def one_line(m: dict) -> str:
         f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, load {m['load_average_1min']}; {gpu}; "
         f"Python {m['python']}, {libs}; commit {commit}"
     )
+
+
+def print_ratio(result: dict) -> None:
+    """The closing lines of a single-ratio benchmark run on its own: its figures as JSON, then the ratio."""
+    print(json.dumps({k: result[k] for k in ("ours", "baseline", "ratio", "units")}))
+    print(f"ratio: {result['ratio']:.2f}x")

@@ -22,7 +22,7 @@ from pathlib import Path
 from data_tools.digits import write_digits
 from data_tools.shard import shard
 from data_tools.summary import format_summary
-from pretrain.train.checkpointer import newest_complete
+from pretrain.checkpoint_format import newest_complete
 from pretrain.demo.downstream import check_libraries, finetune_compare
 from pretrain.train.plot import plot, read_metrics
 

@@ -13,13 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.checkpoint_format import find_complete, read_meta
 from pretrain.config import load_config
-from pretrain.train.engine import lr_factor
 from pretrain.ports import free_port
 from pretrain.train.__main__ import main
+from pretrain.train.engine import lr_lambda
+from tests.conftest import DIGITS_VAL_PER_CLASS
 
 pytestmark = pytest.mark.slow
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+ROOT = Path(__file__).resolve().parents[1]
 BASE = [
     "train.steps=8",
     "train.micro_batch_size=16",
@@ -84,9 +87,10 @@ def test_reference_run_writes_checkpoints_metrics_and_eval(reference):
     rows = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 9))
-    assert all(r["images_per_s"] > 0 and r["mfu"] is None and 0 <= r["data_wait"] <= 1 for r in train)
+    assert all(r["images_per_s"] > 0 and r["mfu"] is None for r in train)  # no MFU without a known peak (CPU)
+    assert [(r["skipped_steps"], r["bad_samples"], r["epoch"]) for r in train] == [(0, 0, 0)] * 8
     evals = [r for r in rows if r["kind"] == "eval"]
-    assert evals and 0.0 <= evals[-1]["top1"] <= 1.0
+    assert [(r["step"], r["samples"]) for r in evals] == [(8, 10 * DIGITS_VAL_PER_CLASS)]  # the whole held-out split
     assert (reference / "config.yaml").is_file()
 
 
@@ -212,9 +216,26 @@ def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(digits_shards, 
     assert [rows[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
     # 4 steps, one skipped: the schedule advanced 3 times (DeepSpeed steps it only when the update is applied)
     cfg = load_config("configs/tiny_digits.yaml", [*BASE, "train.steps=4"])
-    assert rows[4]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(3, cfg))
-    assert rows[4]["lr"] != pytest.approx(cfg.optim.lr * lr_factor(4, cfg))
+    factor = lr_lambda(cfg.schedule, cfg.train.steps)
+    assert rows[4]["lr"] == pytest.approx(cfg.optim.lr * factor(3))
+    assert rows[4]["lr"] != pytest.approx(cfg.optim.lr * factor(4))
     out = tmp_path / "nan_always"
     rc = launch(digits_shards, out, "train.steps=8", "train.max_nonfinite_steps=3", env={"PRETRAIN_FAULT": "nan:all"})
     assert rc != 0
     assert "3 steps in a row had non-finite gradients" in (tmp_path / "nan_always.log").read_text()
+
+
+def test_test_helper_saves_through_the_trainers_checkpointer(reference, tmp_path):
+    """tests/helpers/make_ds_checkpoint.py (behind the export tests) writes what a training run writes: a tag that
+    `find_complete` picks, the same META fields and the same DeepSpeed client state (less the input stream)."""
+    run = tmp_path / "helper"
+    helper = ROOT / "tests" / "helpers" / "make_ds_checkpoint.py"
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(helper), str(run), "--stage", "2"]
+    log = tmp_path / "helper.log"
+    assert run_logged(cmd, log, env={"PYTHONPATH": str(ROOT)}) == 0, log.read_text()[-3000:]
+    ours, theirs = find_complete(run), find_complete(reference)
+    assert ours.name == "step_00000002" and (run / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert list(read_meta(ours)) == list(read_meta(theirs))
+    states = [torch.load(d / "mp_rank_00_model_states.pt", weights_only=False) for d in (ours, theirs)]
+    assert set(states[0]) == set(states[1]) - {"stream"}
+    assert states[0]["step"] == 2 and states[0]["samples_seen"] == 2 * 2 * 2  # 2 steps of 2 ranks x 2 images

@@ -15,7 +15,7 @@ import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
@@ -34,8 +34,10 @@ from pretrain.checkpoint_format import (
 )
 from pretrain.config import CheckpointConfig, Config
 from pretrain.train import faults
-from pretrain.train.distributed import Stateful
-from pretrain.train.engine import Engine
+
+if TYPE_CHECKING:
+    from pretrain.train.distributed import Stateful
+    from pretrain.train.engine import Engine
 
 ResumeTarget = tuple[Path, str]  # (checkpoints folder, tag)
 # what makes a model another shape: a checkpoint of another one is refused

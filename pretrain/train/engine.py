@@ -18,6 +18,7 @@ from torch import nn
 from pretrain.config import DataConfig, DeepSpeedConfig, OptimConfig, ScheduleConfig, TrainConfig
 from pretrain.data import mixup, normalize, to_targets
 from pretrain.losses import classification_loss
+from pretrain.models.vit import VisionTransformer
 from pretrain.schedule import lr_factor
 
 
@@ -100,7 +101,7 @@ class Engine:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: VisionTransformer,
         *,
         train: TrainConfig,
         optim: OptimConfig,
@@ -125,7 +126,7 @@ class Engine:
         self.device, self.dtype = device, autocast_dtype(train.precision)
         self.accum = train.grad_accum_steps(world_size)
         self.num_classes = model.args.num_classes
-        self.loss, self.label_smoothing = train.loss, train.label_smoothing
+        self.loss_kind, self.label_smoothing = train.loss, train.label_smoothing
         self.mean, self.std, self.mixup_alpha = data.mean, data.std, data.mixup_alpha
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -147,7 +148,7 @@ class Engine:
             if self.mixup_alpha > 0 or targets.ndim == 2:
                 targets = to_targets(targets, self.num_classes)  # (B, C) soft / multi-hot
                 images, targets, _ = mixup(images, targets, self.mixup_alpha, mixup_rng)
-            loss = classification_loss(self.model(images), targets, self.loss, self.label_smoothing)
+            loss = classification_loss(self.model(images), targets, self.loss_kind, self.label_smoothing)
             if poison:
                 loss = loss * float("nan")
             self.model.backward(loss)

@@ -29,8 +29,14 @@ def cfg_with(*overrides):
 
 
 def test_deepspeed_json_is_derived_from_the_config():
-    cfg = cfg_with("deepspeed.zero_stage=3", "train.micro_batch_size=8", "train.global_batch_size=64",
-                   "train.precision=bf16", "optim.grad_clip=0.5", "optim.lr=1e-3")  # fmt: skip
+    cfg = cfg_with(
+        "deepspeed.zero_stage=3",
+        "train.micro_batch_size=8",
+        "train.global_batch_size=64",
+        "train.precision=bf16",
+        "optim.grad_clip=0.5",
+        "optim.lr=1e-3",
+    )
     ds = deepspeed_config(cfg.train, cfg.optim, cfg.deepspeed, world_size=4, on_cuda=True)
     assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["gradient_accumulation_steps"] == 2  # 64 / (8 x 4)

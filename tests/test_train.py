@@ -40,17 +40,31 @@ BASE = [
 
 def launch(shards: Path, out: Path, *extra: str, env: dict | None = None, timeout: int = 400) -> int:
     """`deepspeed --num_gpus 2 --module pretrain.train` on this machine's CPU; returns the exit code."""
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain.train",
-           "--config", "configs/tiny_digits.yaml", f"data.train_shards={shards}", f"data.val_shards={shards}",
-           f"run.output_dir={out}", *BASE, *extra]  # fmt: skip
+    cmd = [
+        DEEPSPEED,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "pretrain.train",
+        "--config",
+        "configs/tiny_digits.yaml",
+        f"data.train_shards={shards}",
+        f"data.val_shards={shards}",
+        f"run.output_dir={out}",
+        *BASE,
+        *extra,
+    ]
     return run_logged(cmd, out.parent / f"{out.name}.log", env, timeout)
 
 
 def run_logged(cmd: list[str], log: Path, env: dict | None = None, timeout: int = 400) -> int:
     """Run a launcher in its own process group, so that a timeout kills its ranks too; output goes to `log`."""
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, env={**os.environ, **(env or {})}, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -140,12 +154,30 @@ def test_two_nodes_over_loopback(digits_shards, tmp_path):
     out, port = tmp_path / "two_nodes", free_port()
     procs = []
     for node_rank in (0, 1):
-        cmd = [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
-               "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "pretrain.train",
-               "--config", "configs/tiny_digits.yaml", f"data.train_shards={digits_shards}",
-               f"data.val_shards={digits_shards}", f"run.output_dir={out}", *BASE, "train.steps=3"]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True))  # fmt: skip
+        cmd = [
+            DEEPSPEED,
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--node_rank",
+            str(node_rank),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "--module",
+            "pretrain.train",
+            "--config",
+            "configs/tiny_digits.yaml",
+            f"data.train_shards={digits_shards}",
+            f"data.val_shards={digits_shards}",
+            f"run.output_dir={out}",
+            *BASE,
+            "train.steps=3",
+        ]
+        procs.append(
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        )
     try:
         logs = [p.communicate(timeout=400)[0] for p in procs]
     finally:
@@ -167,16 +199,34 @@ def test_missing_shard_folder_fails_fast_under_the_launcher(tmp_path):
 def test_bad_config_and_missing_shards_exit_2_with_one_line(tmp_path, capsys, digits_shards):
     assert main(["--config", "configs/tiny_digits.yaml", "train.stepz=3"]) == 2
     assert main(["--config", "configs/tiny_digits.yaml", f"data.train_shards={tmp_path / 'nope'}"]) == 2
-    assert main(["--config", "configs/tiny_digits.yaml", f"data.train_shards={digits_shards}", "data.val_shards=",
-                 "model.num_classes=7"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "--config",
+                "configs/tiny_digits.yaml",
+                f"data.train_shards={digits_shards}",
+                "data.val_shards=",
+                "model.num_classes=7",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
     assert "model.num_classes=7" in err[2]
 
 
 def test_resume_into_another_model_shape_is_refused(reference, digits_shards, capsys):
-    rc = main(["--config", "configs/tiny_digits.yaml", f"data.train_shards={digits_shards}", "data.val_shards=",
-               f"run.output_dir={reference}", "model.img_size=48"])  # fmt: skip
+    rc = main(
+        [
+            "--config",
+            "configs/tiny_digits.yaml",
+            f"data.train_shards={digits_shards}",
+            "data.val_shards=",
+            f"run.output_dir={reference}",
+            "model.img_size=48",
+        ]
+    )
     assert rc == 2
     assert "another shape" in capsys.readouterr().err
 
@@ -195,9 +245,18 @@ def test_resume_on_another_world_size_through_universal_checkpoint(reference, di
     assert universal_main([str(run / "checkpoints" / "step_00000004")]) == 0
     uni = run / "checkpoints" / "step_00000004_universal"
     assert (uni / "zero").is_dir() and (uni / "pretrain_meta.json").is_file()
-    cmd = [sys.executable, "-m", "pretrain.train", "--config", "configs/tiny_digits.yaml",
-           f"data.train_shards={digits_shards}", f"data.val_shards={digits_shards}", f"run.output_dir={run}",
-           f"train.resume={uni}", *BASE]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretrain.train",
+        "--config",
+        "configs/tiny_digits.yaml",
+        f"data.train_shards={digits_shards}",
+        f"data.val_shards={digits_shards}",
+        f"run.output_dir={run}",
+        f"train.resume={uni}",
+        *BASE,
+    ]
     log = tmp_path / "resized.log"
     assert run_logged(cmd, log) == 0, log.read_text()[-3000:]
     assert "resumed from" in log.read_text()

@@ -1,7 +1,8 @@
 """One rank of the ZeRO memory benchmark (launched by benchmarks/bench_train.py under `deepspeed --num_gpus 2`).
 
-Builds the engine exactly as pretrain.train does (same generated DeepSpeed JSON), runs one step, then counts the
-bytes of every live tensor on this rank (unique storages), which after the step are the model states.
+Builds the engine with pretrain.train's own `Engine` (same generated DeepSpeed JSON, parameter groups, LR schedule and
+training step), runs one step, then counts the bytes of every live tensor on this rank (unique storages), which after
+the step are the model states.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def main() -> None:
     import torch.distributed as dist
 
     from pretrain.config import load_config
-    from pretrain.train.engine import deepspeed_config, lr_scheduler, param_groups
     from pretrain.models.vit import create_vit
+    from pretrain.train.engine import Engine
 
     p = argparse.ArgumentParser()
     p.add_argument("--stage", type=int, required=True)
@@ -60,20 +61,25 @@ def main() -> None:
     torch.manual_seed(0)
     model = create_vit("vit_small_patch16", num_classes=1000, depth=args.depth)
     n = sum(p.numel() for p in model.parameters())
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, 0.05),
-        config=deepspeed_config(cfg, world, on_cuda=False),
-        lr_scheduler=lr_scheduler(cfg),
+    engine = Engine(
+        model,
+        train=cfg.train,
+        optim=cfg.optim,
+        schedule=cfg.schedule,
+        ds=cfg.deepspeed,
+        data=cfg.data,
+        world_size=world,
+        device=torch.device("cpu"),
     )
     del model
-    x, y = torch.randn(2, 3, 224, 224, dtype=torch.bfloat16), torch.randint(0, 1000, (2,))
-    loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
-    engine.backward(loss)
-    engine.step()
-    del x, y, loss
+    engine.train_step(one_batch(), torch.Generator())
     gc.collect()
     print("ZEROMEM " + json.dumps({"rank": dist.get_rank(), "world": world, "params": n, "bytes": live_tensor_bytes()}))
+
+
+def one_batch():
+    """One micro-batch as the stream yields it: uint8 images (2, 3, 224, 224) and labels (2,)."""
+    yield {"image": torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8), "label": torch.randint(0, 1000, (2,))}
 
 
 if __name__ == "__main__":

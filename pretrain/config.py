@@ -145,6 +145,17 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     """Stop after this many non-finite losses in a row."""
 
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank; raises ConfigError if the batch sizes do not divide."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"train.micro_batch_size ({self.micro_batch_size}) x world size ({world_size}); "
+                f"use a multiple of {per_step}"
+            )
+        return self.global_batch_size // per_step
+
 
 @dataclass
 class CheckpointConfig:
@@ -197,15 +208,8 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
     def grad_accum_steps(self, world_size: int) -> int:
-        """Micro-batches per optimizer step on each rank; raises ConfigError if the batch sizes do not divide."""
-        per_step = self.train.micro_batch_size * world_size
-        if self.train.global_batch_size % per_step:
-            raise ConfigError(
-                f"train.global_batch_size={self.train.global_batch_size} is not divisible by "
-                f"train.micro_batch_size ({self.train.micro_batch_size}) x world size ({world_size}); "
-                f"use a multiple of {per_step}"
-            )
-        return self.train.global_batch_size // per_step
+        """Micro-batches per optimizer step on each rank (`TrainConfig.grad_accum_steps`)."""
+        return self.train.grad_accum_steps(world_size)
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -2,6 +2,8 @@
 
     deepspeed [--num_gpus N | --hostfile H ...] --module pretrain.train --config configs/X.yaml [section.key=value ...]
     torchrun --nproc_per_node N -m pretrain.train --config ...        (or plain `python -m pretrain.train` for 1 rank)
+
+Thin: parses the arguments, builds the `Trainer` (pretrain.train.trainer) and runs it.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import sys
 
 import torch.distributed as dist
 
+from pretrain.checkpoint_format import CheckpointError
 from pretrain.config import ConfigError, load_config
 from pretrain.data import ShardError
-from pretrain.train import checkpointer as ckpt
-from pretrain.train.trainer import TrainingError, train
+from pretrain.train.state import TrainingError
+from pretrain.train.trainer import Trainer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,11 +29,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, build the Trainer, run it; exit 2 with one line for a problem the user can fix."""
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        train(cfg)
-    except (ConfigError, ShardError, ckpt.CheckpointError, TrainingError) as e:
+        Trainer.build(load_config(args.config, args.overrides)).run()
+    except (ConfigError, ShardError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

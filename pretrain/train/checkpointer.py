@@ -1,70 +1,61 @@
-"""Crash-safe checkpoints on top of DeepSpeed's: a tag is complete only once `pretrain_meta.json` is in it.
+"""Crash-safe checkpoints on top of DeepSpeed's: save, prune, find what to resume from, and resume.
 
-Layout of a run folder:
+The layout (tag names, `pretrain_meta.json`, `latest`) is `pretrain.checkpoint_format`'s. A tag is complete only once
+its `pretrain_meta.json` is written, after every rank saved: a crash at any moment, even in the middle of a save,
+leaves the previous complete tag as the one that resume (and `pretrain.export`) picks.
 
-    RUN/config.yaml
-    RUN/checkpoints/step_00000100/      DeepSpeed's files (model, optimizer shards of every rank, client state)
-    RUN/checkpoints/step_00000100/pretrain_meta.json   written last, after every rank saved: marks it complete
-    RUN/checkpoints/latest              the newest complete tag, replaced atomically
-
-A crash at any moment, even in the middle of a save, leaves the previous complete tag as the one that resume
-(and `pretrain.export`) picks: a tag folder without `pretrain_meta.json` is never used.
+The client state DeepSpeed stores with its files is flat: each part of the run (`TrainState`, the stream) writes
+and reads its own keys through `state_dict()` / `load_state_dict()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
 
 from data_tools.fsutil import atomic_write
+from pretrain.checkpoint_format import (
+    FORMAT_VERSION,
+    LATEST,
+    META,
+    TAG,
+    CheckpointError,
+    checkpoints_dir,
+    complete_tags,
+    newest_complete,
+    read_meta,
+    tag_for,
+)
+from pretrain.config import CheckpointConfig, Config
+from pretrain.train import faults
 
-META = "pretrain_meta.json"
-FORMAT_VERSION = 1
-_TAG = re.compile(r"^step_(\d{8})$")
+if TYPE_CHECKING:
+    from pretrain.train.distributed import Stateful
+    from pretrain.train.engine import Engine
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or does not fit this run; the message says what to do."""
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def checkpoints_dir(path: str | Path) -> Path:
-    """Accept a run folder (with `checkpoints/`) or the checkpoints folder itself."""
-    p = Path(path)
-    return p / "checkpoints" if (p / "checkpoints").is_dir() else p
-
-
-def complete_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
-    """(step, tag) of every complete checkpoint, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = []
-    for d in ckpt_dir.iterdir():
-        m = _TAG.match(d.name)
-        if m and (d / META).is_file():
-            found.append((int(m.group(1)), d.name))
-    return sorted(found)
-
-
-def newest_complete(ckpt_dir: Path) -> str | None:
-    """The tag to resume from: `latest` if it names a complete tag, else the highest complete step."""
-    latest = ckpt_dir / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if (ckpt_dir / tag / META).is_file():
-            return tag
-    tags = complete_tags(ckpt_dir)
-    return tags[-1][1] if tags else None
+ResumeTarget = tuple[Path, str]  # (checkpoints folder, tag)
+# what makes a model another shape: a checkpoint of another one is refused
+SHAPE_KEYS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "num_classes",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "pool",
+    "representation_size",
+)
 
 
-def resolve_resume(resume: str, output_dir: str | Path) -> tuple[Path, str] | None:
+def resolve_resume(resume: str, output_dir: str | Path) -> ResumeTarget | None:
     """Turn `train.resume` (auto | none | PATH) into (checkpoints dir, tag), or None to start fresh."""
     if resume == "none":
         return None
@@ -75,7 +66,7 @@ def resolve_resume(resume: str, output_dir: str | Path) -> tuple[Path, str] | No
     p = Path(resume)
     if (p / META).is_file():  # a tag folder
         return p.parent, p.name
-    if _TAG.match(p.name) and p.is_dir():
+    if TAG.match(p.name) and p.is_dir():
         raise CheckpointError(f"checkpoint {p} is incomplete (no {META}; the run died while saving); pick another")
     ckpt_dir = checkpoints_dir(p)
     tag = newest_complete(ckpt_dir)
@@ -84,29 +75,53 @@ def resolve_resume(resume: str, output_dir: str | Path) -> tuple[Path, str] | No
     return ckpt_dir, tag
 
 
-def read_meta(ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    return json.loads((ckpt_dir / tag / META).read_text())
+def is_universal(target: ResumeTarget) -> bool:
+    """A `ds_to_universal` folder (`pretrain.universal`), which DeepSpeed loads on any world size."""
+    return (target[0] / target[1] / "zero").is_dir()
 
 
-def write_meta(ckpt_dir: Path, tag: str, meta: dict[str, Any]) -> None:
-    """Mark `tag` complete and point `latest` at it (rank 0, after every rank finished writing)."""
-    atomic_write(ckpt_dir / tag / META, json.dumps({**meta, "format_version": FORMAT_VERSION}, indent=1))
-    atomic_write(ckpt_dir / "latest", tag)
+def check_resumable(target: ResumeTarget, model_args: Any, world_size: int) -> None:
+    """Refuse, before any collective, a checkpoint of another model shape or of another world size unconverted."""
+    ckpt_dir, tag = target
+    meta = read_meta(ckpt_dir / tag)
+    check_model_matches(meta, model_args, str(ckpt_dir / tag))
+    if meta["world_size"] != world_size and not is_universal(target):
+        raise CheckpointError(
+            f"checkpoint {tag} was written by {meta['world_size']} ranks, this run has {world_size}; "
+            f"convert it with `python -m pretrain.universal {ckpt_dir / tag}` and resume from the converted folder"
+        )
 
 
 def check_model_matches(meta: dict[str, Any], model_args: Any, where: str) -> None:
     """Refuse to resume into a model of another shape."""
     ours = dataclasses.asdict(model_args)
     theirs = meta.get("model_args", {})
-    shape_keys = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
-                  "mlp_ratio", "pool", "representation_size")  # fmt: skip
-    diff = [k for k in shape_keys if theirs.get(k) != ours.get(k)]
+    diff = [k for k in SHAPE_KEYS if theirs.get(k) != ours.get(k)]
     if diff:
         detail = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}" for k in diff)
         raise CheckpointError(
             f"checkpoint {where} holds a model of another shape ({detail}); "
             "resume with the same model settings, or start fresh with train.resume=none and a new run.output_dir"
         )
+
+
+def run_meta(cfg: Config, world_size: int, model_args: Any, class_names: list[str]) -> dict[str, Any]:
+    """The fields of `pretrain_meta.json` that hold for the whole run (the whole config is stored)."""
+    return {
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "world_size": world_size,
+        "precision": cfg.train.precision,
+        "model_name": cfg.model.name,
+        "model_args": dataclasses.asdict(model_args),
+        "class_names": class_names,
+        "config": cfg.to_dict(),
+    }
+
+
+def write_meta(ckpt_dir: Path, tag: str, meta: dict[str, Any]) -> None:
+    """Mark `tag` complete and point `latest` at it (rank 0, after every rank finished writing)."""
+    atomic_write(ckpt_dir / tag / META, json.dumps({**meta, "format_version": FORMAT_VERSION}, indent=1))
+    atomic_write(ckpt_dir / LATEST, tag)
 
 
 def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[str]:
@@ -118,11 +133,72 @@ def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[str]:
     newest = tags[-1][0] if tags else -1
     deleted = []
     for d in sorted(ckpt_dir.iterdir()) if ckpt_dir.is_dir() else []:
-        m = _TAG.match(d.name)
+        m = TAG.match(d.name)
         if not m or d.name in keep:
             continue
-        step = int(m.group(1))
-        if (d / META).is_file() or step < newest:
+        if (d / META).is_file() or int(m.group(1)) < newest:
             shutil.rmtree(d, ignore_errors=True)
             deleted.append(d.name)
     return deleted
+
+
+class Checkpointer:
+    """Saves every `checkpoint.every_steps` steps and at the last one, keeps the newest ones, resumes a run.
+
+    Args:
+        section: the `checkpoint` config section.
+        ckpt_dir: RUN/checkpoints.
+        total_steps: the run's last step (always saved).
+        target: what to resume from (`resolve_resume`), or None to start fresh.
+        run_meta: the run-wide fields of `pretrain_meta.json` (`run_meta`).
+    """
+
+    def __init__(
+        self,
+        section: CheckpointConfig,
+        ckpt_dir: Path,
+        *,
+        total_steps: int,
+        target: ResumeTarget | None,
+        run_meta: dict[str, Any],
+    ) -> None:
+        self.section, self.dir, self.total_steps = section, Path(ckpt_dir), total_steps
+        self.target, self.run_meta = target, run_meta
+
+    def due(self, step: int) -> bool:
+        return step % self.section.every_steps == 0 or step == self.total_steps
+
+    def save(self, step: int, engine: Engine, parts: Mapping[str, Stateful], samples_seen: int) -> None:
+        """Every rank writes its DeepSpeed files with the parts' state; once all did, rank 0 marks the tag complete,
+        points `latest` at it and prunes. A collective: every rank calls it."""
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        rank, tag = dist.get_rank(), tag_for(step)
+        if rank == 0 and (self.dir / tag).exists():
+            shutil.rmtree(self.dir / tag)  # leftovers of a save that crashed half-way
+        client = {key: value for part in parts.values() for key, value in part.state_dict().items()}
+        # lets `ds_to_universal` (pretrain.universal) convert this checkpoint for another world size
+        client[UNIVERSAL_CHECKPOINT_INFO] = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        dist.barrier()
+        engine.save_checkpoint(self.dir, tag, client)
+        faults.kill_rank0_if("save", step)
+        dist.barrier()  # every rank's shard is on disk before the tag is marked complete
+        if rank == 0:
+            write_meta(self.dir, tag, {"step": step, "samples_seen": samples_seen, **self.run_meta})
+            prune(self.dir, self.section.keep_last, self.section.keep_every)
+        dist.barrier()
+
+    def resume(self, engine: Engine, parts: Mapping[str, Stateful]) -> None:
+        """Load the target checkpoint into the engine and every part (nothing when starting fresh)."""
+        if self.target is None:
+            return
+        ckpt_dir, tag = self.target
+        client = engine.load_checkpoint(ckpt_dir, tag)
+        for part in parts.values():
+            part.load_state_dict(client)
+        if dist.get_rank() == 0:
+            print(f"resumed from {ckpt_dir / tag} at step {client['step']}", flush=True)

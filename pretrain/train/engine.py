@@ -1,24 +1,31 @@
-"""DeepSpeed wiring: the DeepSpeed JSON generated from the typed config, parameter groups, LR schedule, losses.
+"""The model under DeepSpeed: the DeepSpeed JSON generated from the typed config, AdamW parameter groups, the LR
+schedule, the loss, and one optimizer step over accumulated micro-batches.
 
-The model (`pretrain.models.vit`) knows nothing of DeepSpeed; everything distributed is decided here and in
-`pretrain.train`.
+The model (`pretrain.models.vit`) knows nothing of DeepSpeed; everything distributed is decided here and in the other
+parts of `pretrain.train`.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pretrain.config import Config
+from pretrain.config import DataConfig, DeepSpeedConfig, OptimConfig, ScheduleConfig, TrainConfig
+from pretrain.data import mixup, normalize, to_targets
+from pretrain.losses import classification_loss
+from pretrain.models.vit import VisionTransformer
+from pretrain.schedule import lr_factor
 
 
-def deepspeed_config(cfg: Config, world_size: int, on_cuda: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON for this run, derived from `cfg` (never kept as a second hand-written copy)."""
-    ds = cfg.deepspeed
+def deepspeed_config(
+    train: TrainConfig, optim: OptimConfig, ds: DeepSpeedConfig, world_size: int, on_cuda: bool
+) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run, derived from the config sections (never kept as a second hand-written copy)."""
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm,
@@ -31,25 +38,24 @@ def deepspeed_config(cfg: Config, world_size: int, on_cuda: bool) -> dict[str, A
         zero["stage3_gather_16bit_weights_on_model_save"] = False  # export rebuilds fp32 from the shards instead
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
-    o = cfg.optim
     return {
-        "train_batch_size": cfg.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
-        "gradient_clipping": o.grad_clip,
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps(world_size),
+        "gradient_clipping": optim.grad_clip,
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": o.lr,
-                "betas": list(o.betas),
-                "eps": o.eps,
-                "weight_decay": o.weight_decay,
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
                 # DeepSpeed's fused (multi-tensor) Adam on CUDA; torch's AdamW where no CUDA kernels exist.
                 "torch_adam": not on_cuda,
             },
         },
-        "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": True},
-        "fp16": {"enabled": cfg.train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": train.precision == "bf16", "check_grad_overflow": True},
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": zero,
         "steps_per_print": 10**9,  # pretrain.train.metrics logs; silence DeepSpeed's own step lines
         "wall_clock_breakdown": False,
@@ -71,37 +77,104 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def lr_factor(step: int, cfg: Config) -> float:
-    """Multiplier of `optim.lr` at optimizer step `step` (0-based): linear warmup, then decay to the floor."""
-    s, total = cfg.schedule, cfg.train.steps
-    if step < s.warmup_steps:
-        return (step + 1) / s.warmup_steps
-    if s.decay == "constant":
-        return 1.0
-    progress = min(1.0, (step - s.warmup_steps) / max(1, total - s.warmup_steps))
-    shape = 1.0 - progress if s.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * shape
-
-
-def lr_scheduler(cfg: Config):
-    """A callable DeepSpeed gives its optimizer to; returns the LambdaLR it steps once per optimizer step."""
-    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """Softmax cross-entropy (integer or soft targets) or sigmoid binary cross-entropy (one-/multi-hot targets).
-
-    Computed in float32 whatever the training precision.
-    """
-    logits = logits.float()
-    if cfg.train.loss == "sigmoid":
-        if targets.ndim == 1:  # integer labels -> one-hot, as big_vision's onehot(num_classes)
-            targets = F.one_hot(targets, logits.shape[-1])
-        # big_vision's sigmoid_xent: sum over classes, mean over the batch
-        return F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none").sum(-1).mean()
-    return F.cross_entropy(logits, targets, label_smoothing=cfg.train.label_smoothing)
+def lr_lambda(schedule: ScheduleConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of `optim.lr` by optimizer step (0-based), as `pretrain.schedule.lr_factor` defines it."""
+    return partial(
+        lr_factor,
+        warmup_steps=schedule.warmup_steps,
+        total_steps=total_steps,
+        decay=schedule.decay,
+        min_ratio=schedule.min_lr_ratio,
+    )
 
 
 def autocast_dtype(precision: str) -> torch.dtype:
     """Dtype the model computes in (DeepSpeed casts the weights; inputs must match)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+class Engine:
+    """The model wrapped by DeepSpeed (ZeRO, optimizer, LR schedule) and the training step.
+
+    Its checkpoint state is DeepSpeed's own files, written and read through `save_checkpoint` / `load_checkpoint`.
+    """
+
+    def __init__(
+        self,
+        model: VisionTransformer,
+        *,
+        train: TrainConfig,
+        optim: OptimConfig,
+        schedule: ScheduleConfig,
+        ds: DeepSpeedConfig,
+        data: DataConfig,
+        world_size: int,
+        device: torch.device,
+        universal: bool = False,
+    ) -> None:
+        import deepspeed
+
+        config = deepspeed_config(train, optim, ds, world_size, on_cuda=device.type == "cuda")
+        if universal:
+            config["checkpoint"] = {"load_universal": True}  # a `ds_to_universal` folder: any world size
+        self.model, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, optim.weight_decay),
+            config=config,
+            lr_scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lr_lambda(schedule, train.steps)),
+        )
+        self.device, self.dtype = device, autocast_dtype(train.precision)
+        self.accum = train.grad_accum_steps(world_size)
+        self.num_classes = model.args.num_classes
+        self.loss_kind, self.label_smoothing = train.loss, train.label_smoothing
+        self.mean, self.std, self.mixup_alpha = data.mean, data.std, data.mixup_alpha
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) images of a batch -> normalised, on the device, in the compute dtype."""
+        return normalize(images.to(self.device, non_blocking=True), self.mean, self.std, self.dtype)
+
+    def train_step(
+        self, batches: Iterator[dict], mixup_rng: torch.Generator, poison: bool = False
+    ) -> list[torch.Tensor]:
+        """One optimizer step over `accum` micro-batches: forward, backward and DeepSpeed's step for each.
+
+        `poison` makes the loss NaN (fault injection). Returns the detached loss of every micro-batch.
+        """
+        losses = []
+        for _ in range(self.accum):
+            batch = next(batches)
+            images = self.inputs(batch["image"])  # (B, 3, H, W)
+            targets = batch["label"].to(self.device, non_blocking=True)  # (B,) or (B, K) multi-label
+            if self.mixup_alpha > 0 or targets.ndim == 2:
+                targets = to_targets(targets, self.num_classes)  # (B, C) soft / multi-hot
+                images, targets, _ = mixup(images, targets, self.mixup_alpha, mixup_rng)
+            loss = classification_loss(self.model(images), targets, self.loss_kind, self.label_smoothing)
+            if poison:
+                loss = loss * float("nan")
+            self.model.backward(loss)
+            self.model.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+            losses.append(loss.detach())
+        return losses
+
+    def step_applied(self) -> bool:
+        """False when DeepSpeed skipped the last update (non-finite gradients: overflow or clipping norm check)."""
+        return self.model.was_step_applied()
+
+    def lr(self) -> float:
+        return self.model.get_lr()[0]
+
+    def grad_norm(self) -> float | None:
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def train(self) -> None:
+        self.model.train()
+
+    def save_checkpoint(self, ckpt_dir: Path, tag: str, client: dict[str, Any]) -> None:
+        """DeepSpeed's files of this rank, with `client` (the other parts' state); `latest` is the Checkpointer's."""
+        self.model.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+
+    def load_checkpoint(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+        """Load DeepSpeed's files; returns the client state saved with them."""
+        _, client = self.model.load_checkpoint(str(ckpt_dir), tag=tag)
+        return client

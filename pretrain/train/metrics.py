@@ -6,9 +6,16 @@ import json
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
+
+from pretrain.config import LogConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from pretrain.data import TrainLoader
+    from pretrain.train.engine import Engine
 
 # Peak dense bf16 tensor-core FLOP/s (no sparsity) of the GPUs users run, from NVIDIA's data sheets.
 PEAK_BF16_FLOPS: dict[str, float] = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
@@ -32,25 +39,92 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-class MetricsLogger:
-    """Writes metrics on rank 0; a no-op on other ranks."""
+class Metrics:
+    """The running training loss and step timers; one console line, a JSONL row and TensorBoard scalars per
+    logging step, written on rank 0 (a no-op writer elsewhere).
 
-    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool) -> None:
-        self.enabled = enabled
-        self.jsonl = None
-        self.tb = None
-        if not enabled:
+    Args:
+        output_dir: the run folder (metrics.jsonl, tb/).
+        log: the `log` config section.
+        train: the `train` config section (batch sizes, total steps).
+        rank, world_size, device: this rank.
+        flops_per_image: training FLOPs of one image (`train_flops_per_image`), for MFU.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        log: LogConfig,
+        train: TrainConfig,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        flops_per_image: float,
+    ) -> None:
+        self.every, self.total_steps, self.global_batch_size = log.every_steps, train.steps, train.global_batch_size
+        self.world_size, self.accum = world_size, train.grad_accum_steps(world_size)
+        self.device, self.flops_per_image, self.peak_flops = device, flops_per_image, device_peak_flops(device)
+        self.loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync between log steps
+        self.t_log, self.steps_since_log = time.perf_counter(), 0
+        self.jsonl, self.tb = None, None
+        if rank != 0:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
-        if tensorboard:
+        if log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tb"))
 
-    def log(self, step: int, values: dict[str, Any], kind: str = "train") -> None:
-        if not self.enabled:
+    def start(self) -> None:
+        """Start the step timer (at the first step of this process)."""
+        self.t_log, self.steps_since_log = time.perf_counter(), 0
+
+    def add(self, losses: list[torch.Tensor]) -> None:
+        """Count one optimizer step and its micro-batch losses."""
+        for loss in losses:
+            self.loss_sum += loss
+        self.steps_since_log += 1
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total_steps
+
+    def log_train(self, step: int, engine: Engine, loader: TrainLoader, skipped_steps: int) -> dict[str, Any]:
+        """Log the steps since the last log line: mean loss over ranks and micro-batches, throughput, and more."""
+        dist.all_reduce(self.loss_sum)  # host sync here: the logged loss is the mean over ranks and micro-steps
+        dt = time.perf_counter() - self.t_log
+        ips = self.steps_since_log * self.global_batch_size / dt
+        grad_norm = engine.grad_norm()
+        stats = loader.stats()
+        values = {
+            "loss": self.loss_sum.item() / (self.world_size * self.accum * self.steps_since_log),
+            "lr": engine.lr(),
+            "grad_norm": grad_norm,
+            "images_per_s": ips,
+            "images_per_s_per_device": ips / self.world_size,
+            "mfu": ips / self.world_size * self.flops_per_image / self.peak_flops if self.peak_flops else None,
+            "data_wait": stats["data_wait_fraction"],
+            "memory_gib": memory_gib(self.device),
+            "skipped_steps": skipped_steps,
+            "bad_samples": stats["bad_samples"],
+            "eta_s": (self.total_steps - step) * dt / self.steps_since_log,
+            "epoch": loader.epoch,
+        }
+        self.write(step, values)
+        self.loss_sum.zero_()
+        self.t_log, self.steps_since_log = time.perf_counter(), 0
+        return values
+
+    def log_eval(self, step: int, values: dict[str, Any]) -> dict[str, Any]:
+        """Log held-out results (none without a held-out split); returns them."""
+        if values:
+            self.write(step, values, kind="eval")
+        return values
+
+    def write(self, step: int, values: dict[str, Any], kind: str = "train") -> None:
+        if self.jsonl is None:
             return
         record = {"kind": kind, "step": step, "time": time.time(), **values}
         self.jsonl.write(json.dumps(record) + "\n")

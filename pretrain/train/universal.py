@@ -15,8 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pretrain.train import checkpointer as ckpt
 from data_tools.fsutil import atomic_path, atomic_write
+from pretrain import checkpoint_format as ckpt
 
 
 def convert(src: Path, tag: str | None = None) -> Path:

@@ -1,43 +1,43 @@
-"""Write a small real DeepSpeed ZeRO checkpoint in the run layout of `pretrain.train.checkpointer`, for export tests and
-the export benchmark, until tests can use real `pretrain.train` runs.
+"""Write a small real DeepSpeed ZeRO checkpoint through the training code's own `Engine` and `Checkpointer`, for
+export tests and the export benchmark, until tests can use real `pretrain.train` runs.
 
     deepspeed --num_gpus 2 tests/helpers/make_ds_checkpoint.py RUN --stage 3 [--model vit_test_patch4] [--steps 2]
 
-Builds `create_vit(MODEL, num_classes=10)`, wraps it with the DeepSpeed JSON and AdamW parameter groups of
-`pretrain.train.engine` (bf16, the given ZeRO stage), takes a few optimizer steps on random data, then saves exactly as
-the training loop does: `engine.save_checkpoint(..., save_latest=False)`, a barrier, and rank 0 writes
-`pretrain_meta.json` and `latest` (`pretrain.train.checkpointer.write_meta`). `RUN/config.yaml` holds the resolved config.
+Builds `create_vit(MODEL, num_classes=10)` under `pretrain.train.engine.Engine` (bf16, the given ZeRO stage, AdamW at a
+constant learning rate), takes a few optimizer steps on random images, then saves with
+`pretrain.train.checkpointer.Checkpointer` exactly as the training loop does. `RUN/config.yaml` holds the resolved
+config.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
-import deepspeed
 import torch
-import torch.distributed as dist
 
-from pretrain.train.checkpointer import tag_for, write_meta
 from pretrain.config import Config, save_config
-from pretrain.train.engine import deepspeed_config, param_groups
 from pretrain.models.vit import create_vit
+from pretrain.train.checkpointer import Checkpointer, run_meta
+from pretrain.train.distributed import init_distributed
+from pretrain.train.engine import Engine
+from pretrain.train.state import TrainState
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
-    ap.add_argument("run_dir")
+    ap.add_argument("run_dir", type=Path)
     ap.add_argument("--stage", type=int, default=2)
     ap.add_argument("--model", default="vit_test_patch4")
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--local_rank", type=int, default=-1)  # passed by the deepspeed launcher
-    a = ap.parse_args()
+    return ap.parse_args()
 
-    deepspeed.init_distributed()
-    world = dist.get_world_size()
+
+def config(a: argparse.Namespace, world: int) -> Config:
     cfg = Config()
     cfg.model.name = a.model
     cfg.model.num_classes = a.num_classes
@@ -45,43 +45,52 @@ def main() -> None:
     cfg.train.micro_batch_size = a.micro_batch
     cfg.train.global_batch_size = a.micro_batch * world
     cfg.train.steps = a.steps
+    cfg.schedule.warmup_steps, cfg.schedule.decay = 0, "constant"  # a few steps at optim.lr
+    return cfg
 
+
+def random_batches(a: argparse.Namespace, img_size: int, rank: int) -> Iterator[dict]:
+    """Batches as the stream yields them: uint8 images (B, 3, H, W) and integer labels (B,)."""
+    g = torch.Generator().manual_seed(rank)
+    while True:
+        images = torch.randint(0, 256, (a.micro_batch, 3, img_size, img_size), generator=g, dtype=torch.uint8)
+        yield {"image": images, "label": torch.randint(0, a.num_classes, (a.micro_batch,), generator=g)}
+
+
+def main() -> None:
+    a = parse_args()
+    rank, world, device = init_distributed()
+    cfg = config(a, world)
     torch.manual_seed(0)
     model = create_vit(a.model, num_classes=a.num_classes)
-    ds_cfg = deepspeed_config(cfg, world, on_cuda=torch.cuda.is_available())
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_cfg
-    )
     args = model.args
-    g = torch.Generator().manual_seed(dist.get_rank())
+    engine = Engine(
+        model,
+        train=cfg.train,
+        optim=cfg.optim,
+        schedule=cfg.schedule,
+        ds=cfg.deepspeed,
+        data=cfg.data,
+        world_size=world,
+        device=device,
+    )
+    state = TrainState(cfg.run.seed, rank, world)
+    batches = random_batches(a, args.img_size, rank)
+    engine.train()
     for _ in range(a.steps):
-        x = torch.randn(a.micro_batch, 3, args.img_size, args.img_size, generator=g).to(engine.device, torch.bfloat16)
-        y = torch.randint(0, a.num_classes, (a.micro_batch,), generator=g).to(engine.device)
-        loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
-        engine.backward(loss)
-        engine.step()
-
-    run = Path(a.run_dir)
-    ckpt_dir = run / "checkpoints"
-    tag = tag_for(a.steps)
-    if dist.get_rank() == 0:
-        save_config(cfg, run / "config.yaml")
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": a.steps}, save_latest=False)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        meta = {
-            "step": a.steps,
-            "samples_seen": a.steps * cfg.train.global_batch_size,
-            "zero_stage": a.stage,
-            "world_size": world,
-            "precision": "bf16",
-            "model_name": a.model,
-            "model_args": dataclasses.asdict(args),
-            "class_names": [f"class_{i}" for i in range(a.num_classes)],
-            "config": cfg.to_dict(),
-        }
-        write_meta(ckpt_dir, tag, meta)
-    dist.barrier()
+        engine.train_step(batches, state.mixup_rng)
+        state.advance(cfg.train.global_batch_size)
+    if rank == 0:
+        save_config(cfg, a.run_dir / "config.yaml")
+    class_names = [f"class_{i}" for i in range(a.num_classes)]
+    checkpointer = Checkpointer(
+        cfg.checkpoint,
+        a.run_dir / "checkpoints",
+        total_steps=a.steps,
+        target=None,
+        run_meta=run_meta(cfg, world, args, class_names),
+    )
+    checkpointer.save(state.step, engine, {"state": state}, state.samples_seen)
 
 
 if __name__ == "__main__":

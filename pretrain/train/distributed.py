@@ -1,0 +1,83 @@
+"""The process group and what differs per rank: joining it, gathering every rank's state, the RNG state of a rank."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pretrain.ports import free_port
+
+
+class Stateful(Protocol):
+    """A part of the run the checkpoint holds."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group (NCCL on CUDA, gloo on CPU); one process started by hand becomes a world of one.
+
+    Returns (rank, world size, this rank's device).
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # plain `python -m pretrain.train`: a single-rank world on a free local port
+        port = free_port()
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    acc = get_accelerator()
+    if acc.device_name() == "cuda":
+        acc.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device(acc.device_name())
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def gather(obj: object) -> list:
+    """`obj` of every rank, in rank order (a collective: every rank must call it)."""
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state(mixup_rng: torch.Generator) -> dict[str, Any]:
+    """This rank's random state: torch (and CUDA), Python, NumPy and the mixup generator."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state["mixup"] = mixup_rng.get_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], mixup_rng: torch.Generator) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    mixup_rng.set_state(state["mixup"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class PerRank:
+    """A part whose state differs per rank (the input stream), checkpointed as the list of every rank's state under
+    `key`; on resume the part gets the whole list, so that it can re-split it over another number of ranks."""
+
+    def __init__(self, key: str, part: Stateful) -> None:
+        self.key, self.part = key, part
+
+    def state_dict(self) -> dict[str, list]:
+        return {self.key: gather(self.part.state_dict())}
+
+    def load_state_dict(self, client: dict[str, Any]) -> None:
+        self.part.load_state_dict(client[self.key])

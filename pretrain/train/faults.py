@@ -1,0 +1,28 @@
+"""Fault injection for the crash-safety tests, off unless `PRETRAIN_FAULT` is set.
+
+PRETRAIN_FAULT=save:4    SIGKILL rank 0 in the middle of the save at step 4 (after DeepSpeed wrote its files,
+                         before the tag is marked complete)
+PRETRAIN_FAULT=step:5    SIGKILL rank 0 after step 5
+PRETRAIN_FAULT=nan:3     make step 3's loss NaN on every rank ("nan:all": every step's)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch.distributed as dist
+
+
+def injected(kind: str, step: int) -> bool:
+    """Whether `PRETRAIN_FAULT` asks for fault `kind` at `step`."""
+    name, _, at = os.environ.get("PRETRAIN_FAULT", "").partition(":")
+    return name == kind and at in (str(step), "all")
+
+
+def kill_rank0_if(kind: str, step: int) -> None:
+    """SIGKILL rank 0 (no cleanup, as a crash) where `PRETRAIN_FAULT` asks for it."""
+    if injected(kind, step) and dist.get_rank() == 0:
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -196,3 +196,19 @@ def test_resampled_mode_infinite_and_resumable(shards):
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(rest, full[60:], strict=True))
     other, st2 = run(cfg, rank=1, world=2, n=5, state=[st])  # another layout: a fresh stream, new seed
     assert len(other) == 5 and st2["reseed"] > 0 and set(keys_of(other)) != set(keys_of(full[60:65]))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loaders_leave_torchs_global_rng_alone(shards, workers):
+    """Dropout draws from torch's global RNG; if starting a loader drew from it too, a resumed run (which starts its
+    loader after restoring the saved RNG state) would get other dropout masks than the uninterrupted run."""
+    cfg = DataConfig(train_shards=str(shards), val_shards=str(shards), shuffle_buffer=64, num_workers=workers)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    train = build_train_loader(cfg, img_size=16, batch_size=BS, seed=0)
+    it = iter(train)
+    next(it)
+    it.close()
+    assert torch.equal(torch.get_rng_state(), before)
+    next(iter(build_eval_loader(cfg, img_size=16, batch_size=BS)))
+    assert torch.equal(torch.get_rng_state(), before)

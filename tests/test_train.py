@@ -34,6 +34,7 @@ BASE = [
     "optim.lr=0.003",
     "data.num_workers=1",
     "train.eval_batches=2",
+    "model.drop_path_rate=0.1",  # dropout draws from the global RNG: resume must restore it exactly
     "log.tensorboard=false",
 ]
 

@@ -35,6 +35,10 @@ def _dataloader(ds, num_workers: int, pin_memory: bool | None, prefetch: int) ->
         pin_memory=pin,
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch if num_workers > 0 else None,
+        # Without a generator of its own, every iter() draws its worker base seed from torch's global RNG: a resumed
+        # run would then draw at another point than the uninterrupted one, and its dropout masks would differ.
+        # Our workers seed every random choice themselves, so a fixed base seed changes no batch.
+        generator=torch.Generator().manual_seed(0),
     )
 
 

@@ -255,15 +255,25 @@ def with_stream(name: str, precision: str, compile_: bool, steps: int, workers: 
         loader.stats(reset=True)
         rate = _images_per_s(step, batch, steps)
         wait = loader.stats()["data_wait_fraction"]
-        return {"batch": batch, "workers": workers, "img_s": rate, "synthetic_img_s": synthetic_img_s,
-                "data_wait_fraction": wait}  # fmt: skip
+        return {
+            "batch": batch,
+            "workers": workers,
+            "img_s": rate,
+            "synthetic_img_s": synthetic_img_s,
+            "data_wait_fraction": wait,
+        }
     finally:
         _free()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(quick: bool = True, models: tuple[str, ...] | None = None, precision: str = "bf16",
-        compile_: bool = False, workers: int | None = None) -> dict:  # fmt: skip
+def run(
+    quick: bool = True,
+    models: tuple[str, ...] | None = None,
+    precision: str = "bf16",
+    compile_: bool = False,
+    workers: int | None = None,
+) -> dict:
     """All GPU figures; {"skipped": reason} without CUDA. Quick: all three throughputs (fewer steps), the largest
     batch and the real-stream run for ViT-L/16 only. Full: everything for every model."""
     if not torch.cuda.is_available():
@@ -276,8 +286,13 @@ def run(quick: bool = True, models: tuple[str, ...] | None = None, precision: st
     steps, rounds = (10, 2) if quick else (30, 3)
     workers = workers or max(1, (os.cpu_count() or 2) - 2)
     name = torch.cuda.get_device_name(0)
-    out: dict = {"device": name, "family": device_family(name), "precision": precision, "compile": compile_,
-                 "models": {}}  # fmt: skip
+    out: dict = {
+        "device": name,
+        "family": device_family(name),
+        "precision": precision,
+        "compile": compile_,
+        "models": {},
+    }
     for m in models:
         r = out["models"][m] = {"throughput": throughput(m, precision, compile_, steps, rounds)}
         _free()
@@ -297,16 +312,24 @@ def rows(result: dict) -> list[dict]:
 
     def row(metric, ours, baseline, unit, target=""):
         ratio = ours / baseline if ours is not None and baseline else None
-        return {"name": "gpu", "metric": metric, "ours": _fin(ours), "baseline": _fin(baseline), "unit": unit,
-                "ratio": _fin(ratio), "target": target}  # fmt: skip
+        return {
+            "name": "gpu",
+            "metric": metric,
+            "ours": _fin(ours),
+            "baseline": _fin(baseline),
+            "unit": unit,
+            "ratio": _fin(ratio),
+            "target": target,
+        }
 
     if "skipped" in result:
         return [row(result["skipped"], None, None, "")]
     out, fam = [], result["family"]
     for m, r in result["models"].items():
         t, short = r["throughput"], SHORT.get(m, m)
-        out.append(row(f"{short} train, batch {t['batch']}, vs timm", t["ours_img_s"], t["timm_img_s"], "images/s",
-                       ">= 1.0"))  # fmt: skip
+        out.append(
+            row(f"{short} train, batch {t['batch']}, vs timm", t["ours_img_s"], t["timm_img_s"], "images/s", ">= 1.0")
+        )
         _, target = mfu_target(fam, m)
         if t["ours_mfu"] is None:
             out.append(row(f"{short} MFU: n/a (peak of {result['device']} unknown)", None, None, "MFU", target))
@@ -317,9 +340,16 @@ def rows(result: dict) -> list[dict]:
             out.append(row(f"{short} largest micro-batch, checkpointing on vs off", mb["on"], mb["off"], "images"))
         if "stream" in r:
             s = r["stream"]
-            out.append(row(f"{short} real stream vs synthetic ({s['workers']} workers, data-wait "
-                           f"{s['data_wait_fraction']:.0%})", s["img_s"], s["synthetic_img_s"], "images/s",
-                           ">= 0.95"))  # fmt: skip
+            out.append(
+                row(
+                    f"{short} real stream vs synthetic ({s['workers']} workers, data-wait "
+                    f"{s['data_wait_fraction']:.0%})",
+                    s["img_s"],
+                    s["synthetic_img_s"],
+                    "images/s",
+                    ">= 0.95",
+                )
+            )
     return out
 
 

@@ -91,7 +91,9 @@ def find_complete(path: str | Path, tag: str | None = None) -> Path:
                 f"{ckpt_dir} holds only incomplete checkpoints (no {META}: the run died while saving); "
                 "resume training to write a complete one"
             )
-        raise CheckpointError(f"{p} is not a checkpoint folder (no tag with {META}); pass a run folder or its checkpoints/")
+        raise CheckpointError(
+            f"{p} is not a checkpoint folder (no tag with {META}); pass a run folder or its checkpoints/"
+        )
     return ckpt_dir / found
 
 

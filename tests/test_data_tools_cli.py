@@ -78,9 +78,20 @@ def test_strict_exits_2_naming_the_file(capsys, digits_dir, tmp_path):
 
 def test_shard_cli_prints_summary_with_patterns(capsys, digits_dir, tmp_path):
     code, out, _ = run(
-        capsys, "shard", digits_dir, tmp_path / "o", "--samples-per-shard", "500", "--val-fraction", "0.1",
-        "--resize-shorter", "16", "--workers", "2", "--no-progress",
-    )  # fmt: skip
+        capsys,
+        "shard",
+        digits_dir,
+        tmp_path / "o",
+        "--samples-per-shard",
+        "500",
+        "--val-fraction",
+        "0.1",
+        "--resize-shorter",
+        "16",
+        "--workers",
+        "2",
+        "--no-progress",
+    )
     assert code == 0
     assert "train: 1,617 samples in 4 shards" in out and "train-{000000..000003}.tar" in out
     assert "val: 180 samples in 1 shards" in out and "val-000000.tar" in out and "skipped: 0" in out

@@ -31,8 +31,9 @@ def cfg_for(shards: Path, **kw) -> DataConfig:
 
 def run(cfg, rank=0, world=1, n=None, state=None, workers=2, bs=BS, seed=0, img=16):
     """First `n` batches (default: one epoch) of one rank; returns (batches, loader state after them)."""
-    loader = build_train_loader(cfg, img_size=img, batch_size=bs, rank=rank, world_size=world, seed=seed,
-                                num_workers=workers)  # fmt: skip
+    loader = build_train_loader(
+        cfg, img_size=img, batch_size=bs, rank=rank, world_size=world, seed=seed, num_workers=workers
+    )
     if state is not None:
         loader.load_state_dict(state)
     it = iter(loader)

@@ -296,6 +296,7 @@ def test_test_helper_saves_through_the_trainers_checkpointer(reference, tmp_path
     ours, theirs = find_complete(run), find_complete(reference)
     assert ours.name == "step_00000002" and (run / "checkpoints" / "latest").read_text() == "step_00000002"
     assert list(read_meta(ours)) == list(read_meta(theirs))
+    # Our own test checkpoints: DeepSpeed pickles non-tensor objects (its config, our client state) in this file.
     states = [torch.load(d / "mp_rank_00_model_states.pt", weights_only=False) for d in (ours, theirs)]
     assert set(states[0]) == set(states[1]) - {"stream"}
     assert states[0]["step"] == 2 and states[0]["samples_seen"] == 2 * 2 * 2  # 2 steps of 2 ranks x 2 images

@@ -30,8 +30,19 @@ def convert(src: Path, tag: str | None = None) -> Path:
         raise ckpt.CheckpointError(f"{src}: no complete checkpoint{f' {tag}' if tag else ''} to convert")
     out = ckpt_dir / f"{tag}_universal"
     with atomic_path(out) as tmp:
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(ckpt_dir / tag),
+            "--output_folder",
+            str(tmp),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise ckpt.CheckpointError(f"ds_to_universal failed on {ckpt_dir / tag}: {proc.stderr.strip()[-500:]}")

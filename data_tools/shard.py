@@ -123,14 +123,7 @@ def shard(
     try:
         catalog = build_catalog(src, catalog_path, classes)
         image = ImageOptions(resize_shorter=resize_shorter, quality=quality)
-        options = dict(
-            asdict(image),
-            seed=seed,
-            samples_per_shard=samples_per_shard,
-            max_shard_bytes=max_shard_bytes,
-            val_per_class=val_per_class,
-            val_fraction=val_fraction,
-        )
+        options = _run_options(image, seed, samples_per_shard, max_shard_bytes, val_per_class, val_fraction)
         fingerprint = _fingerprint(catalog, options)
         finished = layout.check_out_folder(out, fingerprint)
         if finished is not None and all_shards_exist(out, finished):
@@ -157,6 +150,25 @@ def shard(
         return summarize(out, info, written=written, reused=reused, images=todo, seconds=seconds)
     finally:
         catalog_path.unlink(missing_ok=True)
+
+
+def _run_options(
+    image: ImageOptions,
+    seed: int,
+    samples_per_shard: int,
+    max_shard_bytes: int,
+    val_per_class: int,
+    val_fraction: float,
+) -> dict:
+    """The options that decide the shards' content: stored in `_info.json` and hashed into the fingerprint."""
+    return dict(
+        asdict(image),
+        seed=seed,
+        samples_per_shard=samples_per_shard,
+        max_shard_bytes=max_shard_bytes,
+        val_per_class=val_per_class,
+        val_fraction=val_fraction,
+    )
 
 
 def _prepare_out(src: Path, out: Path) -> None:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from pretrain.config import ConfigError, load_config
 from pretrain.data import ShardError
 from pretrain.train import checkpointer as ckpt
+from pretrain.train import shm
 from pretrain.train.trainer import TrainingError, train
 
 
@@ -27,9 +28,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    shm.install()  # DeepSpeed's CPU all-reduce buffers: dead runs' removed now, ours unlinked at exit
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
+        if dist.is_initialized():
+            dist.barrier()  # every rank is done communicating before any tears its process group down
     except (ConfigError, ShardError, ckpt.CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

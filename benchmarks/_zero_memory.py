@@ -12,6 +12,8 @@ import json
 
 import torch
 
+from pretrain.train.lifecycle import run_rank
+
 
 def live_tensor_bytes() -> int:
     seen, total = set(), 0
@@ -33,7 +35,6 @@ def main() -> None:
     import torch.distributed as dist
 
     from pretrain.config import load_config
-    from pretrain.train import shm
     from pretrain.train.engine import deepspeed_config, lr_scheduler, param_groups
     from pretrain.models.vit import create_vit
 
@@ -43,7 +44,6 @@ def main() -> None:
     p.add_argument("--bucket", type=int, default=1_000_000, help="elements per communication bucket")
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
-    shm.install()
     deepspeed.init_distributed(dist_backend="gloo")
     world = dist.get_world_size()
     cfg = load_config(
@@ -76,9 +76,7 @@ def main() -> None:
     del x, y, loss
     gc.collect()
     print("ZEROMEM " + json.dumps({"rank": dist.get_rank(), "world": world, "params": n, "bytes": live_tensor_bytes()}))
-    dist.barrier()
-    dist.destroy_process_group()  # before exit: gloo's threads must not outlive the interpreter (SIGABRT)
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)  # DeepSpeed's shared memory cleaned; barrier, process group destroyed, exit

@@ -45,7 +45,7 @@ def photos_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_shared_memory_left(tmp_path_factory):
-    """Fails the session if a launch of ours left a DeepSpeed all-reduce buffer in /dev/shm.
+    """Fails the session if a launch of ours left a DeepSpeed all-reduce buffer in /dev/shm (and removes it).
 
     Every launch records the name of the buffer it will create in the ledger folder named by `PRETRAIN_SHM_LEDGER`
     (`pretrain.train.shm.install`, inherited through the launchers' environment); buffers of other sessions or
@@ -58,5 +58,7 @@ def no_shared_memory_left(tmp_path_factory):
     os.environ[shm.LEDGER_ENV] = str(ledger)
     yield
     del os.environ[shm.LEDGER_ENV]
-    left = sorted(n for n in os.listdir(ledger) if (shm.SHM_DIR / n).exists())
+    recorded = [n for n in os.listdir(ledger) if (shm.SHM_DIR / n).exists()]
+    left = sorted(set(recorded) - shm.held_names())  # our launches have ended; a live holder is another session
+    shm.remove_orphans(shm.SHM_DIR / n for n in left)  # reported below, and not left behind
     assert not left, f"launches of this session left shared memory in {shm.SHM_DIR}: {left}"

@@ -1,4 +1,5 @@
-"""Launches leave /dev/shm as they found it (DeepSpeed's CPU all-reduce buffers, `pretrain.train.shm`)."""
+"""Launches leave /dev/shm as they found it (DeepSpeed's CPU all-reduce buffers, `pretrain.train.shm`) and end in
+order (`pretrain.train.lifecycle`)."""
 
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ def test_orphans_are_removed_and_buffers_of_live_processes_kept(tmp_path):
     try:
         for p in (orphan, mapped, opened):
             p.write_bytes(bytes(4096))
-        holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(mapped), str(opened), str(ready)],
-                                  stdin=subprocess.PIPE)  # fmt: skip
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(mapped), str(opened), str(ready)], stdin=subprocess.PIPE
+        )
         try:
             _wait_for(ready, holder)
             assert shm.remove_orphans([orphan, mapped, opened]) == [orphan]
@@ -111,14 +113,48 @@ def test_a_rank_unlinks_its_own_buffer_at_exit(tmp_path, how, code):
         peer.unlink(missing_ok=True)
 
 
+_MAIN = """
+import atexit
+from pretrain.train.lifecycle import run_rank
+atexit.register(print, "exit handler ran")
+def main():
+    print("main ran", end="")  # no newline: stdout to a pipe is block-buffered, so only a flush writes it
+    return 3
+run_rank(main)
+print("never reached")
+"""
+
+
+def test_run_rank_exits_with_mains_code_after_the_exit_handlers():
+    p = subprocess.run(
+        [sys.executable, "-c", _MAIN],
+        env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (p.returncode, p.stdout) == (3, "main ranexit handler ran\n"), p.stderr
+
+
 def test_a_launch_leaves_no_buffer_and_removes_dead_runs_buffers(tmp_path):
     """A real 2-rank DeepSpeed launch on CPU: it creates its buffers, and none is left after it."""
     orphan = _fake("dead-run")
     orphan.write_bytes(bytes(4096))
     port = free_port()
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(port), str(HELPER), str(tmp_path / "run"),
-           "--stage", "1", "--steps", "1"]  # fmt: skip
+    cmd = [
+        str(launcher),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        str(HELPER),
+        str(tmp_path / "run"),
+        "--stage",
+        "1",
+        "--steps",
+        "1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{launcher.parent}{os.pathsep}{os.environ['PATH']}"}
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from pretrain.config import ConfigError, load_config
 from pretrain.data import ShardError
 from pretrain.train import checkpointer as ckpt
-from pretrain.train import shm
+from pretrain.train.lifecycle import run_rank
 from pretrain.train.trainer import TrainingError, train
 
 
@@ -28,7 +28,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    shm.install()  # DeepSpeed's CPU all-reduce buffers: dead runs' removed now, ours unlinked at exit
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
@@ -44,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_rank(main)  # DeepSpeed's shared memory cleaned; exit without finalizing beside gloo's threads

@@ -7,9 +7,10 @@ size, `shm_initialize` (deepspeed/ops/csrc/cpu/comm/shm.cpp) creates
 `shm_open(O_CREAT)` + `write`, keeps that descriptor open, maps every rank's buffer, and never unlinks any: its
 `shared_close` is never called. The buffer only serves `inference_all_reduce`, which training never calls.
 
-So every launch of ours calls `install()` first: it removes the buffers of dead runs (no live process maps or holds
-one open) and unlinks this rank's own buffer at exit (normal exit, exception, SIGTERM). Unlinking only drops the name:
-peers that mapped the buffer keep their mapping, and the kernel frees the memory when the last one exits.
+So every launch of ours calls `install()` first (`pretrain.train.lifecycle.run_rank` does): it removes the buffers
+of dead runs (no live process maps or holds one open) and unlinks this rank's own buffer at exit (normal exit,
+exception, SIGTERM). Unlinking only drops the name: peers that mapped the buffer keep their mapping, and the kernel
+frees the memory when the last one exits.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from pretrain.train import shm
 from pretrain.train.checkpointer import tag_for, write_meta
+from pretrain.train.lifecycle import run_rank
 from pretrain.config import Config, save_config
 from pretrain.train.engine import deepspeed_config, param_groups
 from pretrain.models.vit import create_vit
@@ -37,7 +37,6 @@ def main() -> None:
     ap.add_argument("--local_rank", type=int, default=-1)  # passed by the deepspeed launcher
     a = ap.parse_args()
 
-    shm.install()
     deepspeed.init_distributed()
     world = dist.get_world_size()
     cfg = Config()
@@ -84,8 +83,7 @@ def main() -> None:
         }
         write_meta(ckpt_dir, tag, meta)
     dist.barrier()
-    dist.destroy_process_group()  # before exit: gloo's threads must not outlive the interpreter (SIGABRT)
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)  # DeepSpeed's shared memory cleaned; barrier, process group destroyed, exit

@@ -13,6 +13,8 @@ import json
 
 import torch
 
+from pretrain.train.lifecycle import run_rank
+
 
 def live_tensor_bytes() -> int:
     seen, total = set(), 0
@@ -83,4 +85,4 @@ def one_batch():
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)  # DeepSpeed's shared memory cleaned; barrier, process group destroyed, exit

@@ -41,3 +41,24 @@ def photos_dir(tmp_path_factory) -> Path:
     """Image folder of 30 realistic JPEGs (500x375 or 375x500 crops of scikit-learn's sample photos) in 3 classes
     `class_0`..`class_2`, 10 each."""
     return write_photos(tmp_path_factory.mktemp("photos") / "photos", classes=3, per_class=10)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shared_memory_left(tmp_path_factory):
+    """Fails the session if a launch of ours left a DeepSpeed all-reduce buffer in /dev/shm (and removes it).
+
+    Every launch records the name of the buffer it will create in the ledger folder named by `PRETRAIN_SHM_LEDGER`
+    (`pretrain.train.shm.install`, inherited through the launchers' environment); buffers of other sessions or
+    users on the machine are not ours to judge."""
+    import os
+
+    from pretrain.train import shm
+
+    ledger = tmp_path_factory.mktemp("shm_ledger")
+    os.environ[shm.LEDGER_ENV] = str(ledger)
+    yield
+    del os.environ[shm.LEDGER_ENV]
+    recorded = [n for n in os.listdir(ledger) if (shm.SHM_DIR / n).exists()]
+    left = sorted(set(recorded) - shm.held_names())  # our launches have ended; a live holder is another session
+    shm.remove_orphans(shm.SHM_DIR / n for n in left)  # reported below, and not left behind
+    assert not left, f"launches of this session left shared memory in {shm.SHM_DIR}: {left}"

@@ -5,15 +5,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.config import Config, ConfigError, config_from_dict, load_config, main, save_config
+from pretrain.config import ConfigError, config_from_dict, load_config, main, save_config
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_load(path):
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
     cfg = load_config(path)
-    assert isinstance(cfg, Config)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
 
 
 def test_i21k_recipe_values():

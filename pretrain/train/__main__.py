@@ -16,6 +16,7 @@ import torch.distributed as dist
 from pretrain.checkpoint_format import CheckpointError
 from pretrain.config import ConfigError, load_config
 from pretrain.data import ShardError
+from pretrain.train.lifecycle import run_rank
 from pretrain.train.state import TrainingError
 from pretrain.train.trainer import Trainer
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         Trainer.build(load_config(args.config, args.overrides)).run()
+        if dist.is_initialized():
+            dist.barrier()  # every rank is done communicating before any tears its process group down
     except (ConfigError, ShardError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -43,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_rank(main)  # DeepSpeed's shared memory cleaned; exit without finalizing beside gloo's threads

@@ -22,6 +22,7 @@ from pretrain.models.vit import create_vit
 from pretrain.train.checkpointer import Checkpointer, run_meta
 from pretrain.train.distributed import init_distributed
 from pretrain.train.engine import Engine
+from pretrain.train.lifecycle import run_rank
 from pretrain.train.state import TrainState
 
 
@@ -94,4 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)  # DeepSpeed's shared memory cleaned; barrier, process group destroyed, exit

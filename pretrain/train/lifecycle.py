@@ -1,0 +1,47 @@
+"""How a launched rank starts and ends: shared memory left clean, the process group torn down in order, and no C++
+thread of DeepSpeed's process groups running while the interpreter finalizes.
+
+Why the last point: `dist.destroy_process_group()` drops torch's references to the process groups, but DeepSpeed keeps
+its own (the engine, the ZeRO optimizer, `DeepSpeedZeRoOffload`, every ZeRO-3 parameter's `ds_process_group`,
+`deepspeed.utils.groups._WORLD_GROUP`), so gloo's worker and event-loop threads stay alive until the process ends.
+During interpreter finalization a C++ thread that needs the GIL (a worker dropping the last reference to a tensor
+Python created) is ended with `pthread_exit`; unwinding through a `noexcept` frame then calls `std::terminate`:
+"terminate called without an active exception", SIGABRT. So a rank runs the exit handlers itself and ends with
+`os._exit`, skipping only that finalization.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+import torch.distributed as dist
+
+from pretrain.train import shm
+
+
+def exit_process(code: int) -> NoReturn:
+    """Run the exit handlers (ours unlinks this rank's shared-memory buffer), flush, end without finalization."""
+    atexit._run_exitfuncs()  # what Python runs first at exit, before it starts finalizing
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_rank(main: Callable[[], int | None]) -> NoReturn:
+    """Run a launched process's `main` and exit with its code (None counts as 0).
+
+    Before: DeepSpeed's shared-memory buffers of dead runs are removed and this rank's is unlinked at exit
+    (`shm.install`). After a success: a barrier (no rank still talks to this one), then the process group is destroyed.
+    After a failure the peers may never reach a barrier, so the rank exits at once (the launcher stops the others).
+    An exception propagates as usual: Python prints it and exits with 1 (the exit handlers still run).
+    """
+    shm.install()
+    code = main() or 0
+    if code == 0 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    exit_process(code)

@@ -16,8 +16,18 @@ from benchmarks.__main__ import format_table, main
 from pretrain.models.vit import resolve_args, train_flops_per_image
 
 ROOT = Path(__file__).resolve().parents[1]
-MACHINE_KEYS = {"cpu", "cores", "memory_gib", "gpu", "gpu_count", "torch", "deepspeed", "webdataset", "timm",
-                "git_commit"}  # fmt: skip
+MACHINE_KEYS = {
+    "cpu",
+    "cores",
+    "memory_gib",
+    "gpu",
+    "gpu_count",
+    "torch",
+    "deepspeed",
+    "webdataset",
+    "timm",
+    "git_commit",
+}
 ROW_KEYS = {"name", "metric", "ours", "baseline", "unit", "ratio", "target"}
 
 
@@ -71,9 +81,17 @@ def test_gpu_rows_skip_on_cpu_and_are_uniform_on_gpu():
         assert bench_gpu.run(quick=True) == {"skipped": bench_gpu.SKIPPED}
     # a made-up GPU result: the rows must be complete and their ratios finite
     t = {"batch": 128, "ours_img_s": 1100.0, "timm_img_s": 1000.0, "ours_mfu": 0.5, "timm_mfu": 0.45}
-    fake = {"device": "NVIDIA H100 80GB HBM3", "family": "H100", "models": {"vit_large_patch16": {
-        "throughput": t, "max_batch": {"on": 1024, "off": 256},
-        "stream": {"workers": 14, "img_s": 900.0, "synthetic_img_s": 1100.0, "data_wait_fraction": 0.18}}}}  # fmt: skip
+    fake = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "family": "H100",
+        "models": {
+            "vit_large_patch16": {
+                "throughput": t,
+                "max_batch": {"on": 1024, "off": 256},
+                "stream": {"workers": 14, "img_s": 900.0, "synthetic_img_s": 1100.0, "data_wait_fraction": 0.18},
+            }
+        },
+    }
     rows = bench_gpu.rows(fake)
     assert len(rows) == 4 and all(set(r) == ROW_KEYS and math.isfinite(r["ratio"]) for r in rows)
     assert rows[1]["ratio"] == pytest.approx(0.5 / 0.45) and "50%" in rows[1]["target"]
@@ -85,8 +103,9 @@ def test_gpu_rows_skip_on_cpu_and_are_uniform_on_gpu():
 
 
 def test_unknown_only_name_exits_2_with_one_line():
-    p = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "shard,nope"], cwd=ROOT, capture_output=True,
-                       text=True)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--only", "shard,nope"], cwd=ROOT, capture_output=True, text=True
+    )
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "'nope'" in p.stderr
     assert all(name in p.stderr for name in ("shard", "loader", "train", "export", "gpu"))  # the choices, all of them

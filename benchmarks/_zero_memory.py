@@ -63,16 +63,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = create_vit("vit_small_patch16", num_classes=1000, depth=args.depth)
     n = sum(p.numel() for p in model.parameters())
-    engine = Engine(
-        model,
-        train=cfg.train,
-        optim=cfg.optim,
-        schedule=cfg.schedule,
-        ds=cfg.deepspeed,
-        data=cfg.data,
-        world_size=world,
-        device=torch.device("cpu"),
-    )
+    engine = Engine.from_config(model, cfg, world_size=world, device=torch.device("cpu"))
     del model
     engine.train_step(one_batch(), torch.Generator())
     gc.collect()

@@ -207,10 +207,6 @@ class Config:
         """Plain nested dict (tuples as lists), as written to YAML and stored in checkpoints."""
         return _plain(dataclasses.asdict(self))
 
-    def grad_accum_steps(self, world_size: int) -> int:
-        """Micro-batches per optimizer step on each rank (`TrainConfig.grad_accum_steps`)."""
-        return self.train.grad_accum_steps(world_size)
-
 
 # ----------------------------------------------------------------------------------------------- loading
 

@@ -56,9 +56,9 @@ def test_bad_overrides_name_the_key(override, message):
 
 def test_batch_not_divisible_by_world_size():
     cfg = load_config("configs/tiny_digits.yaml", ["train.micro_batch_size=16", "train.global_batch_size=64"])
-    assert cfg.grad_accum_steps(2) == 2
+    assert cfg.train.grad_accum_steps(2) == 2
     with pytest.raises(ConfigError, match="world size \\(3\\)"):
-        cfg.grad_accum_steps(3)
+        cfg.train.grad_accum_steps(3)
 
 
 def test_cli_prints_resolved_config(capsys):

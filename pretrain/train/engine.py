@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.config import DataConfig, DeepSpeedConfig, OptimConfig, ScheduleConfig, TrainConfig
+from pretrain.config import Config, DataConfig, DeepSpeedConfig, OptimConfig, ScheduleConfig, TrainConfig
 from pretrain.data import mixup, normalize, to_targets
 from pretrain.losses import classification_loss
 from pretrain.models.vit import VisionTransformer
@@ -128,6 +128,23 @@ class Engine:
         self.num_classes = model.args.num_classes
         self.loss_kind, self.label_smoothing = train.loss, train.label_smoothing
         self.mean, self.std, self.mixup_alpha = data.mean, data.std, data.mixup_alpha
+
+    @classmethod
+    def from_config(
+        cls, model: nn.Module, cfg: Config, *, world_size: int, device: torch.device, universal: bool = False
+    ) -> Engine:
+        """Wrap `model` with the sections of `cfg` the engine reads (train, optim, schedule, deepspeed, data)."""
+        return cls(
+            model,
+            train=cfg.train,
+            optim=cfg.optim,
+            schedule=cfg.schedule,
+            ds=cfg.deepspeed,
+            data=cfg.data,
+            world_size=world_size,
+            device=device,
+            universal=universal,
+        )
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) images of a batch -> normalised, on the device, in the compute dtype."""

@@ -124,16 +124,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank; DeepSpeed shards them
         model = create_vit(cfg.model.name, **dataclasses.asdict(args))
         model.set_grad_checkpointing(cfg.train.grad_checkpointing, cfg.train.grad_checkpointing_every)
-        engine = Engine(
-            model,
-            train=cfg.train,
-            optim=cfg.optim,
-            schedule=cfg.schedule,
-            ds=cfg.deepspeed,
-            data=cfg.data,
-            world_size=world,
-            device=device,
-            universal=bool(target) and is_universal(target),
+        engine = Engine.from_config(
+            model, cfg, world_size=world, device=device, universal=bool(target) and is_universal(target)
         )
         loader, eval_loader = build_loaders(
             cfg.data, cfg.train, args.img_size, seed=cfg.run.seed, rank=rank, world=world

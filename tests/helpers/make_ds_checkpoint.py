@@ -65,16 +65,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = create_vit(a.model, num_classes=a.num_classes)
     args = model.args
-    engine = Engine(
-        model,
-        train=cfg.train,
-        optim=cfg.optim,
-        schedule=cfg.schedule,
-        ds=cfg.deepspeed,
-        data=cfg.data,
-        world_size=world,
-        device=device,
-    )
+    engine = Engine.from_config(model, cfg, world_size=world, device=device)
     state = TrainState(cfg.run.seed, rank, world)
     batches = random_batches(a, args.img_size, rank)
     engine.train()

@@ -1,13 +1,13 @@
-"""How a launched rank starts and ends: shared memory left clean, the process group torn down in order, and no C++
-thread of DeepSpeed's process groups running while the interpreter finalizes.
+"""How a launched rank starts and ends: shared memory left clean, the process group torn down in order, and no
+interpreter finalization while gloo's C++ threads run.
 
-Why the last point: `dist.destroy_process_group()` drops torch's references to the process groups, but DeepSpeed keeps
-its own (the engine, the ZeRO optimizer, `DeepSpeedZeRoOffload`, every ZeRO-3 parameter's `ds_process_group`,
-`deepspeed.utils.groups._WORLD_GROUP`), so gloo's worker and event-loop threads stay alive until the process ends.
-During interpreter finalization a C++ thread that needs the GIL (a worker dropping the last reference to a tensor
-Python created) is ended with `pthread_exit`; unwinding through a `noexcept` frame then calls `std::terminate`:
-"terminate called without an active exception", SIGABRT. So a rank runs the exit handlers itself and ends with
-`os._exit`, skipping only that finalization.
+Why the last point: a rank whose interpreter finalizes while gloo's worker and event-loop threads are alive can abort
+there with "terminate called without an active exception" (SIGABRT, exit -6; reproduced with plain torch + gloo, two
+ranks, a final barrier and no `destroy_process_group()`, on a loaded machine). Destroying the process group is not
+enough under DeepSpeed: it keeps its own references to the groups (the engine, the ZeRO optimizer,
+`DeepSpeedZeRoOffload`, every ZeRO-3 parameter's `ds_process_group`, `deepspeed.utils.groups._WORLD_GROUP`), so
+those threads live until the process ends. So a rank runs the exit handlers itself and ends with `os._exit`,
+skipping only the finalization.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import json
 
 import torch
 
+from pretrain.train.distributed import release_shm_names
 from pretrain.train.lifecycle import run_rank
 
 
@@ -46,6 +47,7 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
+    release_shm_names()
     world = dist.get_world_size()
     cfg = load_config(
         "configs/tiny_digits.yaml",

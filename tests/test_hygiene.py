@@ -165,3 +165,19 @@ def test_a_launch_leaves_no_buffer_and_removes_dead_runs_buffers(tmp_path):
         assert not orphan.exists()  # removed by the launch's start-up cleanup
     finally:
         orphan.unlink(missing_ok=True)
+
+
+def test_a_rank_killed_by_sigkill_leaves_no_buffer(digits_shards, tmp_path):
+    """Exit handlers never run under SIGKILL (or the OOM killer): the names are unlinked right after start-up."""
+    port = free_port()
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(port), "--module", "pretrain.train"]
+    cmd += ["--config", "configs/tiny_digits.yaml", f"data.train_shards={digits_shards}", "data.num_workers=0"]
+    cmd += [f"run.output_dir={tmp_path / 'run'}", "train.steps=3", "train.micro_batch_size=8"]
+    cmd += ["train.global_batch_size=16", "log.tensorboard=false", "log.every_steps=1"]
+    env = {**os.environ, "PRETRAIN_FAULT": "step:2", "PATH": f"{launcher.parent}{os.pathsep}{os.environ['PATH']}"}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "train step 1 " in out, out[-3000:]  # rank 0 was killed after step 2
+    assert "deepspeed_shm_comm_op built successfully" in out  # the ranks did create their buffers
+    assert [n for n in os.listdir(shm.SHM_DIR) if f"_{port}_" in n] == []

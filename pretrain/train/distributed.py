@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.ports import free_port
+from pretrain.train import shm
 
 
 class Stateful(Protocol):
@@ -19,6 +20,17 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Any) -> None: ...
+
+
+def release_shm_names() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer name as soon as every rank has mapped every buffer.
+
+    DeepSpeed's `shm_initialize` maps all ranks' buffers before `init_distributed` returns; after a barrier no rank
+    still needs a name, and the memory stays mapped until the last rank exits. Then even a rank killed by SIGKILL
+    or the OOM killer leaves nothing in /dev/shm. (Launches without such a buffer unlink nothing.)
+    """
+    dist.barrier()
+    shm.unlink_own()
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -33,6 +45,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         port = free_port()
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    release_shm_names()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     acc = get_accelerator()
     if acc.device_name() == "cuda":

@@ -12,7 +12,7 @@ import torch
 
 from pretrain.config import DataConfig
 from pretrain.data import build_eval_loader, build_train_loader, unfinished
-from pretrain.data.decode import read_shard
+from pretrain.data.decode import label_of, read_shard
 from pretrain.data.positions import epoch_offsets
 
 BS = 16
@@ -70,19 +70,40 @@ def test_every_sample_once_per_epoch_2_ranks_2_workers(shards):
     assert len(seen) == TOTAL // (2 * BS) * 2 * BS  # drop: only the last partial global batch is left out
     b = per_rank[0][0]
     assert b["image"].dtype == torch.uint8 and b["image"].shape == (BS, 3, 16, 16)
-    assert b["label"].dtype == torch.int64 and b["label"].shape == (BS,) and 0 <= int(b["label"].min())
+    assert b["label"].dtype == torch.int64 and b["label"].shape == (BS,)
+    info = json.loads((shards / "_info.json").read_text())["splits"]["train"]
+    cls = {raw.key: label_of(raw)[0] for f in info["filenames"] for _, raw in read_shard(str(shards / f))}
+    assert b["label"].tolist() == [cls[k] for k in b["key"]]  # each image with its own .cls
 
 
-def test_stats_report_throughput_and_wait(shards):
+class FakeClock:
+    """`time.perf_counter` that advances one unit per call, plus what the test adds: timings become exact."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def perf_counter(self) -> float:
+        self.t += 1.0
+        return self.t - 1.0
+
+
+def test_stats_report_throughput_and_wait(shards, monkeypatch):
+    import pretrain.data.loader as loader_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(loader_module, "time", clock)
     loader = build_train_loader(cfg_for(shards), img_size=16, batch_size=BS, num_workers=2)
     it = iter(loader)
     next(it)
-    loader.stats()  # reset after start-up
+    loader.stats()  # reset after start-up: 1 unit
     for _ in range(10):
-        next(it)
+        clock.t += 9.0  # the training step between two batches: not waiting for data
+        next(it)  # 2 units: t0 on resume, t1 after the batch arrived; waited 1 unit
     st = loader.stats()
     it.close()
-    assert st["images_per_s"] > 0 and 0.0 < st["data_wait_fraction"] <= 1.0
+    # 1 + 10 x (9 + 2) = 111 units since the reset, 10 of them waiting, 10 batches of BS images
+    assert st["images_per_s"] == pytest.approx(10 * BS / 111, rel=1e-12)
+    assert st["data_wait_fraction"] == pytest.approx(10 / 111, rel=1e-12)
     assert st["bad_samples"] == 0 and st["bad_shards"] == 0
 
 

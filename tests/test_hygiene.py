@@ -173,6 +173,7 @@ def test_a_rank_killed_by_sigkill_leaves_no_buffer(digits_shards, tmp_path):
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(port), "--module", "pretrain.train"]
     cmd += ["--config", "configs/tiny_digits.yaml", f"data.train_shards={digits_shards}", "data.num_workers=0"]
+    cmd += [f"data.val_shards={digits_shards}"]  # not the config's demo_out/ folder, which a fresh clone lacks
     cmd += [f"run.output_dir={tmp_path / 'run'}", "train.steps=3", "train.micro_batch_size=8"]
     cmd += ["train.global_batch_size=16", "log.tensorboard=false", "log.every_steps=1"]
     env = {**os.environ, "PRETRAIN_FAULT": "step:2", "PATH": f"{launcher.parent}{os.pathsep}{os.environ['PATH']}"}

@@ -1,5 +1,6 @@
 """Pretraining entry point.
 
+    python -m pretrain.launch --nproc-per-node N [--nnodes M --node-rank K --master-addr A] -- --config X.yaml [...]
     deepspeed [--num_gpus N | --hostfile H ...] --module pretrain.train --config configs/X.yaml [section.key=value ...]
     torchrun --nproc_per_node N -m pretrain.train --config ...        (or plain `python -m pretrain.train` for 1 rank)
 

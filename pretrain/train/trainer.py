@@ -129,6 +129,7 @@ class Trainer:
 
         rank, world, device = init_distributed(cfg.train.collective_timeout_s)
         watchdog = Watchdog(cfg.train.collective_timeout_s, rank, world)
+        watchdog.phase("start-up (model, DeepSpeed engine, loaders)")
         if rank == 0:
             save_config(cfg, out_dir / "config.yaml")
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank; DeepSpeed shards them

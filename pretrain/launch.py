@@ -29,6 +29,7 @@ import time
 from pretrain import exit_codes
 
 POLL_S = 0.2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # as `pretrain.train.preemption`'s (that module imports torch)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -82,12 +83,18 @@ class Launch:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.stop_at: float | None = None  # monotonic time of the first stop signal
-        self.procs = [
-            subprocess.Popen(
-                [sys.executable, "-u", "-m", args.module, f"--local_rank={i}", *args.args], env=rank_env(args, i)
-            )
-            for i in range(args.nproc_per_node)
-        ]
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        """Start the ranks with the stop signals blocked: one that comes while a rank still imports stays pending
+        until the rank's handler is set (`StopRequest.install` unblocks them), instead of killing it."""
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a child inherits the mask through exec
+        try:
+            for i in range(self.args.nproc_per_node):
+                cmd = [sys.executable, "-u", "-m", self.args.module, f"--local_rank={i}", *self.args.args]
+                self.procs.append(subprocess.Popen(cmd, env=rank_env(self.args, i)))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # ours now runs on_signal for what came meanwhile
 
     def on_signal(self, signum: int, frame: object) -> None:
         """First SIGTERM / SIGUSR1: pass it to every rank that may not have it (they ignore a second one)."""
@@ -134,9 +141,10 @@ def _say(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     launch = Launch(args)
-    for s in (signal.SIGTERM, signal.SIGUSR1):
+    for s in STOP_SIGNALS:
         signal.signal(s, launch.on_signal)
     try:
+        launch.start()
         return launch.wait()
     except KeyboardInterrupt:  # Ctrl-C reached the ranks too (same terminal process group); do not leave them
         launch.kill_all()

@@ -214,6 +214,17 @@ def test_launcher_forwards_a_stop_signal_once_and_reports_preempted(tmp_path):
     assert [p.read_text() for p in sorted(ready.glob("signals-*"))] == ["1", "1", "1"]
 
 
+def test_a_stop_signal_while_the_ranks_still_start_waits_for_their_handlers(tmp_path):
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    launcher = [sys.executable, "-m", "pretrain.launch", "--nproc-per-node=2", "--module=tests.helpers.fake_rank"]
+    proc = start([*launcher, "--", "--slow-start", str(ready)], tmp_path / "launch.log")
+    time.sleep(1)  # the ranks are still in their 2 s of "imports"
+    os.killpg(proc.pid, signal.SIGTERM)  # to every process, as SLURM does
+    assert finish(proc, timeout=60) == exit_codes.PREEMPTED
+    assert sorted(p.name for p in ready.glob("signals-*")) == ["signals-0", "signals-1"]
+
+
 def test_launcher_ends_the_other_ranks_when_one_fails(tmp_path):
     proc, _ = fake_launch(tmp_path, 60, "--fail-rank=4")
     assert finish(proc, timeout=60) == 3

@@ -35,8 +35,11 @@ class StopRequest:
         self.at: float | None = None
 
     def install(self) -> None:
+        """Set the handlers, then unblock the signals (`pretrain.launch` starts ranks with them blocked, so that one
+        sent during the imports waits for this handler)."""
         for s in STOP_SIGNALS:
             signal.signal(s, self._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name

@@ -4,7 +4,7 @@
 
 Writes READY_DIR/rank-RANK once its handlers are set, then waits: SIGTERM / SIGUSR1 -> exit 75 (a "saved" rank),
 counting the signals it got in READY_DIR/signals-RANK; `--fail-rank R`: rank R exits 3 at once; `--deaf`: ignore the
-stop signals (a rank that never finishes saving).
+stop signals (a rank that never finishes saving); `--slow-start`: set the handlers 2 s late.
 """
 
 import argparse
@@ -18,6 +18,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--local_rank", type=int)
 p.add_argument("--fail-rank", type=int, default=-1)
 p.add_argument("--deaf", action="store_true")
+p.add_argument("--slow-start", action="store_true", help="sleep 2 s before setting the handlers (still importing)")
 p.add_argument("ready", type=Path)
 args = p.parse_args()
 rank = int(os.environ["RANK"])
@@ -29,8 +30,11 @@ def stop(signum, frame):
     (args.ready / f"signals-{rank}").write_text(str(len(got)))
 
 
+if args.slow_start:
+    time.sleep(2)
 for s in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(s, signal.SIG_IGN if args.deaf else stop)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})  # as StopRequest.install does
 (args.ready / f"rank-{rank}").write_text(os.environ["WORLD_SIZE"])
 if rank == args.fail_rank:
     sys.exit(3)

@@ -4,13 +4,14 @@
 # everything (config, state, logs, munge key and socket) inside DIR.
 #   launch/slurm_lab.sh start DIR    # prints the environment line to use it: export SLURM_CONF=DIR/slurm.conf
 #   launch/slurm_lab.sh stop DIR     # cancels its jobs, ends every daemon and job process it started
+#   launch/slurm_lab.sh pids DIR     # the processes of the lab still alive (none after stop)
 # Each node sees its own private tmpfs at DIR/nodetmp (a mount namespace per slurmd), as each node of a real cluster
 # has its own /tmp: run jobs with TMPDIR=DIR/nodetmp and a file one node writes there is not there on the other.
 # Node names (n1, n2) do not resolve as host names, as on many clusters; only NodeAddr (127.0.0.1) reaches a node.
 set -euo pipefail
 WAIT_S=${SLURM_LAB_WAIT_S:-60}   # bound on every wait below (daemons up, jobs gone, daemons gone)
 
-usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
+usage() { echo "usage: $0 start|stop|pids DIR" >&2; exit 2; }
 [ $# -eq 2 ] || usage
 cmd=$1
 dir=$(realpath -m "$2")
@@ -40,6 +41,8 @@ write_conf() {
   host=$(hostname -s)
   # Plugins that need no cgroups or accounting database: the lab runs in containers and VMs alike.
   # SlurmdParameters=config_overrides: both "nodes" claim the same CPUs without being drained for it.
+  # MinJobAge: a finished job's record stays 5 min for the tests to read. SlurmctldDebug=debug2 logs slurmctld's
+  # time-limit check (every 30 s), which the time-limit test times itself against.
   cat >"$dir/slurm.conf" <<EOF
 ClusterName=lab
 SlurmctldHost=$host(127.0.0.1)
@@ -72,6 +75,7 @@ JobRequeue=1
 KillWait=30
 MinJobAge=300
 MailProg=/bin/true
+SlurmctldDebug=debug2
 NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$n1_port CPUs=2 State=UNKNOWN
 NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$n2_port CPUs=2 State=UNKNOWN
 PartitionName=lab Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
@@ -84,10 +88,11 @@ EOF
 lab_pids() {
   local p
   for p in /proc/[0-9]*; do
-    tr '\0' '\n' <"$p/environ" 2>/dev/null | awk -v lab="SLURM_LAB=$dir" -v conf="SLURM_CONF=$dir/slurm.conf" \
+    { tr '\0' '\n' <"$p/environ"; } 2>/dev/null | awk -v lab="SLURM_LAB=$dir" -v conf="SLURM_CONF=$dir/slurm.conf" \
       '$0 == lab {d = 1} $0 == conf {c = 1} /^SLURM_JOB_ID=/ {j = 1} END {exit !(d || (c && j))}' &&
       echo "${p#/proc/}"
   done
+  return 0
 }
 
 start() {
@@ -97,6 +102,8 @@ start() {
   }
   [ "$(id -u)" = 0 ] || { echo "error: slurm lab: needs root (the daemons run as root)" >&2; exit 2; }
   [ ! -e "$dir/slurm.conf" ] || { echo "error: slurm lab: $dir already holds a lab; stop it first" >&2; exit 2; }
+  unshare --mount --propagation private true 2>/dev/null ||
+    { echo "error: slurm lab: cannot create a mount namespace (unshare --mount): needs CAP_SYS_ADMIN" >&2; exit 2; }
   mkdir -p "$dir"/{state,spool/n1,spool/n2,run,log,munge,nodetmp}
   chmod 700 "$dir/munge"
   export SLURM_LAB=$dir SLURM_CONF=$dir/slurm.conf
@@ -137,5 +144,6 @@ stop() {
 case $cmd in
   start) start ;;
   stop) stop ;;
+  pids) lab_pids ;;
   *) usage ;;
 esac

@@ -144,6 +144,8 @@ class TrainConfig:
     """Cap on evaluation batches per rank (0: the whole held-out split)."""
     max_nonfinite_steps: int = 5
     """Stop after this many non-finite losses in a row."""
+    collective_timeout_s: float = 900.0
+    """Bound on one step, save or evaluation: past it a rank names the frozen/dead peer and exits 124 (0: none)."""
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank; raises ConfigError if the batch sizes do not divide."""
@@ -165,6 +167,8 @@ class CheckpointConfig:
     """Keep the newest K checkpoints."""
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of M (0: none)."""
+    every_minutes: float = 0.0
+    """Also save when this many minutes passed since the last save, by rank 0's clock (0: off)."""
 
 
 @dataclass
@@ -266,6 +270,8 @@ def validate(cfg: Config) -> None:
         "data.mixup_alpha": cfg.data.mixup_alpha,
         "train.eval_every_steps": cfg.train.eval_every_steps,
         "checkpoint.keep_every": cfg.checkpoint.keep_every,
+        "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
+        "train.collective_timeout_s": cfg.train.collective_timeout_s,
     }
     for key, v in non_negative.items():
         if v < 0:

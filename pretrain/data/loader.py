@@ -10,6 +10,7 @@ for batch in loader:                            # infinite: epochs follow each o
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 
@@ -26,6 +27,14 @@ from pretrain.data.transforms import EvalTransform, TrainTransform
 STATE_VERSION = 1
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A worker outlives SIGTERM / SIGUSR1 sent to the whole job (SLURM signals every process of a step): its rank
+    still needs batches to finish the current step and save (`pretrain.train.preemption`). Workers end with their
+    rank: the DataLoader's shutdown, or its watchdog when the rank is gone."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def _dataloader(ds, num_workers: int, pin_memory: bool | None, prefetch: int) -> DataLoader:
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     return DataLoader(
@@ -35,6 +44,7 @@ def _dataloader(ds, num_workers: int, pin_memory: bool | None, prefetch: int) ->
         pin_memory=pin,
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch if num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,
         # Without a generator of its own, every iter() draws its worker base seed from torch's global RNG: a resumed
         # run would then draw at another point than the uninterrupted one, and its dropout masks would differ.
         # Our workers seed every random choice themselves, so a fixed base seed changes no batch.

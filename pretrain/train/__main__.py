@@ -1,5 +1,6 @@
 """Pretraining entry point.
 
+    python -m pretrain.launch --nproc-per-node N [--nnodes M --node-rank K --master-addr A] -- --config X.yaml [...]
     deepspeed [--num_gpus N | --hostfile H ...] --module pretrain.train --config configs/X.yaml [section.key=value ...]
     torchrun --nproc_per_node N -m pretrain.train --config ...        (or plain `python -m pretrain.train` for 1 rank)
 
@@ -13,10 +14,12 @@ import sys
 
 import torch.distributed as dist
 
+from pretrain import exit_codes
 from pretrain.checkpoint_format import CheckpointError
 from pretrain.config import ConfigError, load_config
 from pretrain.data import ShardError
 from pretrain.train.lifecycle import run_rank
+from pretrain.train.preemption import Preempted
 from pretrain.train.state import TrainingError
 from pretrain.train.trainer import Trainer
 
@@ -30,19 +33,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, build the Trainer, run it; exit 2 with one line for a problem the user can fix."""
+    """Parse, build the Trainer, run it. Exit codes (`pretrain.exit_codes`): 0 done; 2 one line for a problem the
+    user can fix; 75 preempted by SIGTERM / SIGUSR1 with a checkpoint saved at the last finished step."""
     args = parse_args(argv)
+    code = exit_codes.OK
     try:
         Trainer.build(load_config(args.config, args.overrides)).run()
         if dist.is_initialized():
             dist.barrier()  # every rank is done communicating before any tears its process group down
+    except Preempted as e:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(e, flush=True)
+        code = exit_codes.PREEMPTED
     except (ConfigError, ShardError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = exit_codes.USAGE
     finally:
-        if dist.is_initialized():
+        # After a failure a peer may wait in a collective: a launched rank just exits (`run_rank`); only a world of
+        # one (a test calling main() in-process) is torn down so that it can start another.
+        if dist.is_initialized() and (code == exit_codes.OK or dist.get_world_size() == 1):
             dist.destroy_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

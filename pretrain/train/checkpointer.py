@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,9 +165,16 @@ class Checkpointer:
     ) -> None:
         self.section, self.dir, self.total_steps = section, Path(ckpt_dir), total_steps
         self.target, self.run_meta = target, run_meta
+        self.last_save = time.monotonic()
 
     def due(self, step: int) -> bool:
         return step % self.section.every_steps == 0 or step == self.total_steps
+
+    def overdue(self) -> bool:
+        """`checkpoint.every_minutes` passed since the last save, by this rank's clock (the ranks agree on rank 0's:
+        the other ranks answer False)."""
+        minutes = self.section.every_minutes
+        return bool(minutes) and dist.get_rank() == 0 and time.monotonic() - self.last_save >= 60 * minutes
 
     def save(self, step: int, engine: Engine, parts: Mapping[str, Stateful], samples_seen: int) -> None:
         """Every rank writes its DeepSpeed files with the parts' state; once all did, rank 0 marks the tag complete,
@@ -184,13 +192,23 @@ class Checkpointer:
         # lets `ds_to_universal` (pretrain.universal) convert this checkpoint for another world size
         client[UNIVERSAL_CHECKPOINT_INFO] = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
         dist.barrier()
-        engine.save_checkpoint(self.dir, tag, client)
+        try:
+            with faults.disk_full_if(step):
+                engine.save_checkpoint(self.dir, tag, client)
+        except OSError as e:  # this rank stops; the launcher ends the others, which wait for it in a barrier
+            previous = newest_complete(self.dir)
+            kept = f"the previous checkpoint {previous} is intact and resume picks it" if previous else "none before"
+            raise CheckpointError(
+                f"rank {rank}: saving the checkpoint at step {step} failed: {e}; {kept}; "
+                f"free space in {self.dir} and run the same command again"
+            ) from None
         faults.kill_rank0_if("save", step)
         dist.barrier()  # every rank's shard is on disk before the tag is marked complete
         if rank == 0:
             write_meta(self.dir, tag, {"step": step, "samples_seen": samples_seen, **self.run_meta})
             prune(self.dir, self.section.keep_last, self.section.keep_every)
         dist.barrier()
+        self.last_save = time.monotonic()
 
     def resume(self, engine: Engine, parts: Mapping[str, Stateful]) -> None:
         """Load the target checkpoint into the engine and every part (nothing when starting fresh)."""

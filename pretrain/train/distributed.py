@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from datetime import timedelta
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,9 +34,11 @@ def release_shm_names() -> None:
     shm.unlink_own()
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(collective_timeout_s: float = 0) -> tuple[int, int, torch.device]:
     """Join the process group (NCCL on CUDA, gloo on CPU); one process started by hand becomes a world of one.
 
+    `collective_timeout_s` (`train.collective_timeout_s`, 0: the backend's default) also bounds the process group's
+    own waits, a minute after the watchdog's, so that the watchdog's one line comes first.
     Returns (rank, world size, this rank's device).
     """
     import deepspeed
@@ -44,7 +47,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:  # plain `python -m pretrain.train`: a single-rank world on a free local port
         port = free_port()
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    timeout = {"timeout": timedelta(seconds=collective_timeout_s + 60)} if collective_timeout_s > 0 else {}
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), **timeout)
     release_shm_names()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     acc = get_accelerator()

@@ -4,14 +4,20 @@ PRETRAIN_FAULT=save:4    SIGKILL rank 0 in the middle of the save at step 4 (aft
                          before the tag is marked complete)
 PRETRAIN_FAULT=step:5    SIGKILL rank 0 after step 5
 PRETRAIN_FAULT=nan:3     make step 3's loss NaN on every rank ("nan:all": every step's)
+PRETRAIN_FAULT=diskfull:6  the last rank's writes fail with ENOSPC during the save at step 6 (after rank 0's)
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from unittest import mock
 
+import torch
 import torch.distributed as dist
 
 
@@ -26,3 +32,17 @@ def kill_rank0_if(kind: str, step: int) -> None:
     if injected(kind, step) and dist.get_rank() == 0:
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def disk_full_if(step: int) -> Iterator[None]:
+    """Make `torch.save` (DeepSpeed's checkpoint writer) fail as on a full disk, on the last rank, where asked."""
+    if not (injected("diskfull", step) and dist.get_rank() == dist.get_world_size() - 1):
+        yield
+        return
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device (PRETRAIN_FAULT)")
+
+    with mock.patch.object(torch, "save", full):
+        yield

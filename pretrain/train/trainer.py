@@ -9,6 +9,8 @@ Each rank streams its own shards (`pretrain.data`), trains the ViT (`pretrain.mo
     Checkpointer  save, prune, resume
     Metrics       running loss, timers, console / JSONL / TensorBoard
     Evaluator     held-out loss and accuracy, reduced over ranks
+    StopRequest   SIGTERM / SIGUSR1: the ranks agree at a step boundary, save there and exit (preemption)
+    Watchdog      a bound on every step, save and evaluation (a frozen or dead peer rank)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pretrain.checkpoint_format import tag_for
 from pretrain.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
 from pretrain.data import EvalLoader, TrainLoader, build_eval_loader, build_train_loader, resolve_shards
 from pretrain.models.vit import ViTArgs, create_vit, resolve_args, train_flops_per_image
@@ -29,7 +32,9 @@ from pretrain.train.distributed import PerRank, Stateful, init_distributed
 from pretrain.train.engine import Engine
 from pretrain.train.evaluate import Evaluator
 from pretrain.train.metrics import Metrics
+from pretrain.train.preemption import Preempted, StopRequest, agree
 from pretrain.train.state import TrainState
+from pretrain.train.watchdog import Watchdog
 
 
 def preflight(data: DataConfig, model: ModelConfig) -> tuple[int, list[str]]:
@@ -99,6 +104,8 @@ class Trainer:
     checkpointer: Checkpointer
     metrics: Metrics
     evaluator: Evaluator
+    stop: StopRequest
+    watchdog: Watchdog
 
     @property
     def parts(self) -> dict[str, Stateful]:
@@ -108,6 +115,8 @@ class Trainer:
     @classmethod
     def build(cls, cfg: Config) -> Trainer:
         """Check the run, join the process group and build every part, in the order the seeds are consumed."""
+        stop = StopRequest()
+        stop.install()  # a signal during the build is acted on after the first step
         num_classes, class_names = preflight(cfg.data, cfg.model)
         world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by every launcher; 1 for a plain python run
         cfg.train.grad_accum_steps(world_size)  # refuse an impossible batch split before joining the process group
@@ -118,7 +127,9 @@ class Trainer:
         if target:
             check_resumable(target, args, world_size)
 
-        rank, world, device = init_distributed()
+        rank, world, device = init_distributed(cfg.train.collective_timeout_s)
+        watchdog = Watchdog(cfg.train.collective_timeout_s, rank, world)
+        watchdog.phase("start-up (model, DeepSpeed engine, loaders)")
         if rank == 0:
             save_config(cfg, out_dir / "config.yaml")
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank; DeepSpeed shards them
@@ -148,28 +159,41 @@ class Trainer:
             flops_per_image=train_flops_per_image(args),
         )
         evaluator = Evaluator(eval_loader, cfg.train, num_classes)
-        return cls(cfg, engine, loader, state, checkpointer, metrics, evaluator)
+        return cls(cfg, engine, loader, state, checkpointer, metrics, evaluator, stop, watchdog)
 
     def run(self) -> dict[str, Any]:
-        """Train from the newest checkpoint (or from scratch) to `train.steps`; returns the last metrics."""
+        """Train from the newest checkpoint (or from scratch) to `train.steps`; returns the last metrics.
+
+        Raises Preempted once a stop signal's checkpoint is saved."""
         engine, state, metrics, train = self.engine, self.state, self.metrics, self.cfg.train
+        phase = self.watchdog.phase  # starts the clock of the next bounded phase
+        phase("resume")
         self.checkpointer.resume(engine, self.parts)
         batches = iter(self.loader)
         engine.train()
         metrics.start()
         last_train, last_eval = {}, {}
         while state.step < train.steps:
+            phase(f"step {state.step + 1}")
             losses = engine.train_step(batches, state.mixup_rng, poison=faults.injected("nan", state.step + 1))
             state.advance(train.global_batch_size)
             faults.kill_rank0_if("step", state.step)
             state.count_nonfinite(engine.step_applied(), limit=train.max_nonfinite_steps)
             metrics.add(losses)
+            stop, overdue = agree(self.stop.requested, self.checkpointer.overdue(), device=engine.device)
             if metrics.due(state.step):
                 last_train = metrics.log_train(state.step, engine, self.loader, state.nonfinite_steps)
-            if self.evaluator.due(state.step):
+            if self.evaluator.due(state.step) and not stop:
+                phase(f"evaluation at step {state.step}")
                 last_eval = metrics.log_eval(state.step, self.evaluator.run(engine))
-            if self.checkpointer.due(state.step):
+            if self.checkpointer.due(state.step) or stop or overdue:
+                phase(f"checkpoint save at step {state.step}")
                 self.checkpointer.save(state.step, engine, self.parts, state.samples_seen)
+            if stop:
+                metrics.close()
+                raise Preempted(state.step, str(self.checkpointer.dir / tag_for(state.step)))
+        phase("final evaluation")
         last_eval = metrics.log_eval(state.step, self.evaluator.run(engine)) or last_eval
+        self.watchdog.idle()
         metrics.close()
         return {"train": last_train, "eval": last_eval, "step": state.step}

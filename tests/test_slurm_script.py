@@ -21,7 +21,8 @@ FAKE_SCONTROL = """#!/usr/bin/env bash
 case "$1 $2" in
   "show hostnames") printf 'n1\\nn2\\n' ;;
   "show node") echo "NodeName=$3 Arch=x86_64 CoresPerSocket=1 NodeAddr=10.9.8.7 NodeHostName=host-$3 Port=6818" ;;
-  "requeue "*) echo "$2" >> "$FAKE/requeued" ;;
+  "requeue "*) [ -z "${FAKE_NO_REQUEUE:-}" ] || { echo "Requested operation is presently disabled" >&2; exit 1; }
+               echo "$2" >> "$FAKE/requeued" ;;
   *) echo "fake scontrol: unexpected $*" >&2; exit 1 ;;
 esac
 """
@@ -114,6 +115,16 @@ def test_early_warning_is_forwarded_to_the_step_and_the_job_requeued(fake):
     assert read(folder / "srun_options") == [
         *("--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=0", "--cpus-per-task=6"),
     ]
+
+
+def test_refused_requeue_still_ends_with_the_saved_checkpoint(fake):
+    """`sbatch --no-requeue`: scontrol refuses; the job ends with 75 and says how to continue."""
+    folder, env = fake
+    proc = run_until_step_started(folder, {**env, "FAKE_NO_REQUEUE": "1"}, "--cpu", CONFIG)
+    proc.send_signal(signal.SIGUSR1)
+    rc, out = finish(proc)
+    assert rc == 75 and not (folder / "requeued").exists()
+    assert "requeue refused: submit the same command again to resume" in out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

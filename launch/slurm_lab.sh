@@ -21,7 +21,10 @@ wait_for() {
   local what=$1; shift
   local deadline=$((SECONDS + WAIT_S))
   until "$@" >/dev/null 2>&1; do
-    if [ $SECONDS -ge $deadline ]; then echo "error: slurm lab: $what not within ${WAIT_S}s (logs in $dir/log)" >&2; return 1; fi
+    if [ $SECONDS -ge $deadline ]; then
+      echo "error: slurm lab: $what not within ${WAIT_S}s (logs in $dir/log)" >&2
+      return 1
+    fi
     sleep 0.5
   done
 }
@@ -42,7 +45,7 @@ write_conf() {
   # Plugins that need no cgroups or accounting database: the lab runs in containers and VMs alike.
   # SlurmdParameters=config_overrides: both "nodes" claim the same CPUs without being drained for it.
   # MinJobAge: a finished job's record stays 5 min for the tests to read. SlurmctldDebug=debug2 logs slurmctld's
-  # time-limit check (every 30 s), which the time-limit test times itself against.
+  # time-limit check (every 30 s), which the time-limit test times itself against (LogTimeFormat: how it parses it).
   cat >"$dir/slurm.conf" <<EOF
 ClusterName=lab
 SlurmctldHost=$host(127.0.0.1)
@@ -76,6 +79,7 @@ KillWait=30
 MinJobAge=300
 MailProg=/bin/true
 SlurmctldDebug=debug2
+LogTimeFormat=iso8601_ms
 NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$n1_port CPUs=2 State=UNKNOWN
 NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$n2_port CPUs=2 State=UNKNOWN
 PartitionName=lab Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP

@@ -130,24 +130,38 @@ def test_two_node_sbatch_gives_the_losses_of_one_machine(lab, reference, digits_
     assert_same_weights(out, reference, tag_for(STEPS))
 
 
-def warn_at_next_check(lab: SlurmLab, job: int) -> None:
-    """Make slurmctld's next time-limit check send the job its `--signal` warning while the job runs.
+def warn_at_next_check(lab: SlurmLab, job: int, out: Path) -> None:
+    """Make one of slurmctld's time-limit checks send the job its `--signal` warning while the job runs.
 
     slurmctld tests time limits every 30 s and warns once the time left is within the signal's lead time plus those
-    30 s. So the job is suspended (stopped, that time not counted), its limit cut to leave 70 to 130 s (the
-    warning below is @100), and resumed 2 s before the next check: the warning lands after a few more steps."""
+    30 s; it skips a suspended job. So the job is suspended (stopped, that time not counted), its limit cut to leave
+    70 to 130 s (the warning below is @100), and resumed 2 s before the next check: the warning lands after a few more
+    steps. Should that check come before the resume took effect, the job waits, suspended, for the one after."""
     lab.run("scontrol", "suspend", str(job))
     minutes = math.ceil((lab.run_seconds(job) + 70) / 60)
     lab.run("scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}")
-    time.sleep(max(0.0, lab.next_time_limit_check() - 2 - time.time()))
-    lab.run("scontrol", "resume", str(job))
+    for _ in range(3):
+        time.sleep(max(0.0, lab.next_time_limit_check() - 2 - time.time()))
+        checks = len(lab.time_limit_checks())
+        lab.run("scontrol", "resume", str(job))
+        deadline = time.monotonic() + 10
+        while len(lab.time_limit_checks()) == checks:
+            assert time.monotonic() < deadline, "slurmctld's time-limit check did not come within 12 s"
+            time.sleep(0.2)
+        deadline = time.monotonic() + 3  # the warning reaches the batch script within a fraction of a second
+        while "got SIGUSR1" not in job_log(out, job) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if "got SIGUSR1" in job_log(out, job):
+            return
+        lab.run("scontrol", "suspend", str(job))
+    raise AssertionError(f"job {job} got no time-limit warning in 3 checks: {lab.job(job)}")
 
 
 def test_time_limit_warning_saves_requeues_and_resumes_bit_identical(lab, reference, digits_shards, tmp_path):
     out = tmp_path / "warned"
     job = submit(lab, digits_shards, out, "--time=10", "--signal=B:USR1@100")
     wait_for_step(out, 1)
-    warn_at_next_check(lab, job)
+    warn_at_next_check(lab, job, out)
     requeued = lab.wait_job(job, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", 200, "requeue")
     log = job_log(out, job)
     assert "got SIGUSR1" in log and f"requeueing job {job}" in log, log[-3000:]

@@ -95,14 +95,19 @@ class SlurmLab:
         h, m, s = (int(x) for x in hms.split(":"))
         return int(days or 0) * 86400 + h * 3600 + m * 60 + s
 
-    def next_time_limit_check(self) -> float:
-        """When slurmctld next tests time limits (as time.time()): it does every 30 s and logs it (debug2)."""
+    def time_limit_checks(self) -> list[float]:
+        """When slurmctld tested time limits so far (time.time() values): it does every 30 s and logs it (debug2)."""
         log = self.folder / "log" / "slurmctld.log"
+        stamps = [line[1:24] for line in log.read_text().splitlines() if TIME_LIMIT_CHECK in line]
+        return [datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%f").timestamp() for s in stamps]
+
+    def next_time_limit_check(self) -> float:
+        """When slurmctld will next test time limits (time.time()), at least 2 s from now."""
         deadline = time.monotonic() + 40
-        while not (stamps := [line[1:24] for line in log.read_text().splitlines() if TIME_LIMIT_CHECK in line]):
-            assert time.monotonic() < deadline, f"no '{TIME_LIMIT_CHECK}' in {log} within 40 s"
+        while not (checks := self.time_limit_checks()):
+            assert time.monotonic() < deadline, f"no '{TIME_LIMIT_CHECK}' in slurmctld.log within 40 s"
             time.sleep(0.5)
-        at = datetime.strptime(stamps[-1], "%Y-%m-%dT%H:%M:%S.%f").timestamp() + CHECK_PERIOD_S
+        at = checks[-1] + CHECK_PERIOD_S
         while at < time.time() + 2:  # that one is (nearly) past: the one after
             at += CHECK_PERIOD_S
         return at

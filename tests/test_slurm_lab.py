@@ -148,7 +148,7 @@ def warn_at_next_check(lab: SlurmLab, job: int, out: Path) -> None:
         while len(lab.time_limit_checks()) == checks:
             assert time.monotonic() < deadline, "slurmctld's time-limit check did not come within 12 s"
             time.sleep(0.2)
-        deadline = time.monotonic() + 3  # the warning reaches the batch script within a fraction of a second
+        deadline = time.monotonic() + 2  # the warning reaches the batch script within a fraction of a second
         while "got SIGUSR1" not in job_log(out, job) and time.monotonic() < deadline:
             time.sleep(0.2)
         if "got SIGUSR1" in job_log(out, job):

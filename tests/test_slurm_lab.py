@@ -158,6 +158,8 @@ def warn_at_next_check(lab: SlurmLab, job: int, out: Path) -> None:
 
 
 def test_time_limit_warning_saves_requeues_and_resumes_bit_identical(lab, reference, digits_shards, tmp_path):
+    """`--time` + `--signal=B:USR1@100`: SLURM warns the batch script, the ranks save at the step they are in (none
+    lost), the script requeues the job, and the job comes back, resumes and ends with the uninterrupted weights."""
     out = tmp_path / "warned"
     job = submit(lab, digits_shards, out, "--time=10", "--signal=B:USR1@100")
     wait_for_step(out, 1)
@@ -166,7 +168,7 @@ def test_time_limit_warning_saves_requeues_and_resumes_bit_identical(lab, refere
     log = job_log(out, job)
     assert "got SIGUSR1" in log and f"requeueing job {job}" in log, log[-3000:]
     saved = saved_step(out, log)
-    assert 1 <= saved < STEPS, saved
+    assert 1 <= saved < STEPS and logged_step(out) == saved  # the checkpoint is at the last step trained
     # SLURM holds a requeued job for a while (BeginTime, about 2 min) before it may start again: start it now, with
     # a limit long enough that no second warning comes.
     assert requeued["Reason"] == "BeginTime"

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,10 +18,7 @@ import yaml
 
 from data_tools.fsutil import atomic_write
 from pretrain.models.specs import VARIANTS
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and what is allowed."""
+from pretrain.typed_config import ConfigError, build_dataclass, plain
 
 
 @dataclass
@@ -209,7 +204,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), as written to YAML and stored in checkpoints."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -241,7 +236,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(sec, dict):
             raise ConfigError(f"section {section!r} must be a mapping")
         sec[name] = parsed
-    cfg = _build(Config, raw, "")
+    cfg = build_dataclass(Config, raw, "")
     validate(cfg)
     return cfg
 
@@ -312,78 +307,9 @@ def dump_yaml(cfg: Config) -> str:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (e.g. stored in a checkpoint)."""
-    cfg = _build(Config, raw, "")
+    cfg = build_dataclass(Config, raw, "")
     validate(cfg)
     return cfg
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
-    where = prefix.rstrip(".") or "the config"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]}; {where} accepts: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in raw.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` as type `tp`, or raise ConfigError naming `key` and the allowed type or values."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is Literal:
-        if value not in args or type(value) is not type(args[args.index(value)]):
-            allowed = ", ".join(str(a) for a in args)
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {allowed}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(f"{key}={value!r} must be a list of {len(args)} numbers")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r} must be true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r} must be an integer")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r} must be a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}={value!r} must be a string")
-    raise ConfigError(f"{key}: unsupported type {tp}")  # a programming error in this file, not a user error
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    return [_plain(v) for v in obj] if isinstance(obj, list | tuple) else obj
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,15 +12,25 @@ export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 # (two versions rewrite each other's build log and recompile on every launch).
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint bench clean slurm-packages
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) slurm-packages
 	$(PY) -m pytest -q --durations=10 tests
+
+# The SLURM lab tests (tests/test_slurm_lab.py) need Debian's slurm-wlm and munge: installed here when running as
+# root (CI does); otherwise they skip, and this says so once.
+slurm-packages:
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing slurm-wlm and munge for the SLURM lab tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) >/dev/null \
+	    || echo "SLURM lab tests will be skipped: apt-get install slurm-wlm munge failed"; \
+	else echo "SLURM lab tests skipped: as root, run apt-get install -y slurm-wlm munge (make test does it as root)"; fi
 
 demo: $(STAMP)
 	$(PY) -m pretrain.demo

@@ -27,7 +27,7 @@ from pretrain.downstream.backbone import (
     BackboneError,
     export_files,
     load_backbone,
-    read_config,
+    read_saved,
     save_backbone,
 )
 from pretrain.downstream.finetune_data import (
@@ -53,8 +53,8 @@ def build_backbone(weights: str | None, model: str, img_size: int | None, names:
     """The exported backbone with a head for `names`, or (without `weights`) the variant `model` from scratch."""
     if weights:
         # The saved head is reused only for the very same classes; any other data gets a new zero head (ViT paper).
-        same = [str(n) for n in read_config(weights).get("label_names") or []] == names
-        return load_backbone(weights, num_classes=len(names), img_size=img_size, fresh_head=not same)
+        saved = read_saved(weights)
+        return load_backbone(saved, num_classes=len(names), img_size=img_size, fresh_head=saved.class_names != names)
     try:
         net = create_vit(model, num_classes=len(names), img_size=img_size)
     except ValueError as e:

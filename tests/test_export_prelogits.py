@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickletools
 import subprocess
 import sys
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -221,7 +223,12 @@ def test_pth_is_the_reproductions_state_dict(run, reference, tmp_path):
     """Bit for bit DeepSpeed's weights; the reproduction's fine-tuning load (head and pre-logits keys removed,
     strict=False into a model with another class count) reports exactly those keys missing."""
     assert main([str(run), str(tmp_path / "pth"), "--format", "pth"]) == 0
-    state = torch.load(tmp_path / "pth" / "model.pth", weights_only=True)
+    path = tmp_path / "pth" / "model.pth"
+    with zipfile.ZipFile(path) as z:  # torch.save's layout; the pickle names no code, only tensor rebuilding
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    names = {arg for op, arg, _ in pickletools.genops(pkl) if op.name == "GLOBAL"}
+    assert names == {"collections OrderedDict", "torch._utils _rebuild_tensor_v2", "torch FloatStorage"}
+    state = torch.load(path, weights_only=True)
     assert sorted(state) == sorted(reference) and all(torch.equal(state[k], v) for k, v in reference.items())
     removed = ["pre_logits.fc.weight", "pre_logits.fc.bias", "head.weight", "head.bias"]
     for k in removed:

@@ -229,6 +229,8 @@ def test_pth_is_the_reproductions_state_dict(run, reference, tmp_path):
     names = {arg for op, arg, _ in pickletools.genops(pkl) if op.name == "GLOBAL"}
     assert names == {"collections OrderedDict", "torch._utils _rebuild_tensor_v2", "torch FloatStorage"}
     state = torch.load(path, weights_only=True)
+    mapped = torch.load(path, weights_only=True, mmap=True)  # every record 64-byte aligned, as torch.save writes
+    assert list(mapped) == list(state) and all(torch.equal(mapped[k], v) for k, v in state.items())
     assert sorted(state) == sorted(reference) and all(torch.equal(state[k], v) for k, v in reference.items())
     removed = ["pre_logits.fc.weight", "pre_logits.fc.bias", "head.weight", "head.bias"]
     for k in removed:

@@ -2,8 +2,9 @@
 
 - `pth`: `torch.save` of an ordered state dict in timm's 2020 ViT names (ours: `patch_embed.proj.*`, `cls_token`,
   `pos_embed`, `blocks.N.*`, `norm.*`, `pre_logits.fc.*`, `head.*`), the layout of the PyTorch reproduction's
-  `vit_base_patch16_224_in21k.pth`. Written tensor by tensor into torch's zip layout, so `torch.load(path,
-  weights_only=True)` reads it (the pickle names only tensor-rebuilding globals) and memory holds one tensor.
+  `vit_base_patch16_224_in21k.pth`. Written tensor by tensor into torch's zip layout with Python's zipfile (torch's
+  own zip writer, `PyTorchFileWriter`, raised the peak by the size of the model), so memory holds one tensor, and
+  `torch.load(path, weights_only=True)` reads it: the pickle names only tensor-rebuilding globals.
 - `npz`: the layout of the paper's `vit_jax` (`embedding/kernel` HWIO, `cls`, `Transformer/posembed_input/...`,
   `Transformer/encoderblock_N/MultiHeadDotProductAttention_1/query|key|value|out/...` with heads split,
   `MlpBlock_3/Dense_0|1/...`, `LayerNorm_0|2`, `encoder_norm`, `pre_logits/...`, `head/...`; dense kernels are
@@ -16,13 +17,14 @@ import io
 import math
 import pickle
 import re
+import struct
 import sys
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 import torch
@@ -68,28 +70,45 @@ class _Pickler(pickle.Pickler):
         return None
 
 
+_ALIGN = 64
+"""torch.save starts every record's data at a multiple of 64 bytes, so `torch.load(mmap=True)` can map it."""
+
+
+def _record(zf: zipfile.ZipFile, raw: BinaryIO, name: str, size: int) -> IO[bytes]:
+    """Open the stored (uncompressed) zip member `name` of `size` bytes for writing, its data 64-byte aligned."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.file_size = size  # known up front: zipfile picks zip64 headers only when needed
+    header = 30 + len(name.encode()) + 4  # local file header + name + the padding field's own header
+    pad = -(raw.tell() + header) % _ALIGN
+    info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # the padding field torch's writer uses ("FB")
+    return zf.open(info, "w")
+
+
 def write_pth(path: str | Path, plan: Plan, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
     """`torch.save(OrderedDict(tensors), path)` with the names in the model's order, holding one tensor at a time:
-    the pickle (known from `plan`) first, then each tensor's bytes as its `data/N` record, through torch's own zip
-    writer."""
+    the pickle (known from `plan`) first, then each tensor's bytes as its `data/N` record, in torch's zip layout."""
     storages = {n: _Storage(str(i), dt, math.prod(shape)) for i, (n, (shape, dt)) in enumerate(plan.items())}
     state = OrderedDict((n, _Tensor(storages[n], plan[n][0])) for n in sorted(plan, key=model_order))
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(state)
-    writer = torch._C.PyTorchFileWriter(str(path), True, 64)  # crc32, 64-byte aligned records (torch.save's)
-    records = {"data.pkl": buf.getvalue(), ".format_version": b"1", ".storage_alignment": b"64"}
+    records = {"data.pkl": buf.getvalue(), ".format_version": b"1", ".storage_alignment": str(_ALIGN).encode()}
     records["byteorder"] = sys.byteorder.encode()
-    for name, data in records.items():
-        writer.write_record(name, data, len(data))
+    archive = Path(path).stem or "archive"  # torch.save's folder name inside the zip; any name loads
     wanted = iter(plan.items())
-    for i, (name, t) in enumerate(tensors):
-        _check(name, t, next(wanted, None))
-        storage = t.detach().contiguous().clone().untyped_storage()  # exactly the tensor's bytes
-        writer.write_record(f"data/{i}", storage, storage.nbytes())
+    with open(path, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, data in records.items():
+            with _record(zf, raw, f"{archive}/{name}", len(data)) as f:
+                f.write(data)
+        for i, (name, t) in enumerate(tensors):
+            _check(name, t, next(wanted, None))
+            data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # the tensor's bytes, no copy
+            with _record(zf, raw, f"{archive}/data/{i}", data.nbytes) as f:
+                f.write(data)
+        with _record(zf, raw, f"{archive}/version", 2) as f:
+            f.write(b"3\n")  # the serialization version torch.save writes last
     missing = [n for n, _ in wanted]
     if missing:
         raise ValueError(f"{len(missing)} planned tensors were never written, first {missing[0]}")
-    writer.write_end_of_file()
 
 
 def read_pth(path: Path) -> dict[str, torch.Tensor]:

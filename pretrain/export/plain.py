@@ -262,8 +262,11 @@ def write_npz(path: str | Path, plan: Plan, tensors: Iterator[tuple[str, torch.T
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, t in tensors:
             _check(name, t, next(wanted, None))
+            a = t.detach().contiguous().numpy()
             with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, t.detach().contiguous().numpy(), allow_pickle=False)
+                # header, then the bytes as they are (np.save's write_array stages them through a 16 MiB buffer)
+                np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(a))
+                f.write(a.data)
     missing = [n for n, _ in wanted]
     if missing:
         raise ValueError(f"{len(missing)} planned tensors were never written, first {missing[0]}")

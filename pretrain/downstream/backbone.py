@@ -75,7 +75,8 @@ def read_config(path: str | Path) -> dict:
     if not isinstance(arch, str) or not arch.startswith("vit_"):
         hint = " (a torchvision or Hugging Face export?)" if isinstance(cfg, dict) and arch is None else ""
         raise BackboneError(
-            f"{p / CONFIG} does not describe a timm ViT (architecture {arch!r}){hint}; export with --format timm"
+            f"{p / CONFIG} does not describe a timm ViT (architecture {arch!r}){hint}; export with --format timm, "
+            "pth or npz"
         )
     if not (p / WEIGHTS).is_file():
         pickled = [f.name for f in p.glob("*.bin")]

@@ -148,9 +148,12 @@ class _Rule:
     """One tensor of ours <-> one (or, for qkv, three) JAX arrays; `{i}`: block index, `{qkv}`: query|key|value."""
 
     ours: str
+    """Our (timm) name."""
     jax: str
+    """The vit_jax array name."""
     kind: str
-    """same | conv (OIHW <-> HWIO) | dense ((out, in) <-> (in, out)) | qkv_kernel | qkv_bias | out_kernel"""
+    """How the tensor changes: same | conv (OIHW <-> HWIO) | dense ((out, in) <-> (in, out)) | qkv_kernel |
+    qkv_bias | out_kernel (heads split out of a dimension)."""
 
 
 _BLOCK = "Transformer/encoderblock_{i}/"
@@ -231,7 +234,7 @@ def _from_jax(rule: _Rule, a: torch.Tensor) -> torch.Tensor:
 
 
 def read_npz(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
-    """(our state dict, number of heads) from a `.npz` in the JAX layout, in our order. Raises ValueError."""
+    """(our state dict, number of heads) from a `.npz` in the JAX layout. Raises ValueError."""
     try:
         arrays = np.load(path, allow_pickle=False)
         items = {k: torch.from_numpy(np.asarray(arrays[k], dtype=np.float32)) for k in arrays.files}

@@ -350,6 +350,9 @@ def test_backbone_refuses_an_unknown_architecture():
 
     with pytest.raises(BackboneError, match="'vit_gigantic_patch16_224'.*known: vit_base_patch16_224"):
         args_from_config({"architecture": "vit_gigantic_patch16_224", "num_classes": 0})
+    odd = {"architecture": "vit_base_patch16_224", "model_args": {"embed_dim": 320, "depth": 5, "num_heads": 5}}
+    with pytest.raises(BackboneError, match="embed_dim=320, depth=5.*no registered variant; known: vit_base"):
+        args_from_config(odd)  # no fallback to the variant the architecture names
 
 
 def test_reader_never_runs_pickled_code(tmp_path):

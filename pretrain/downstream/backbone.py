@@ -26,7 +26,7 @@ import torch
 from pretrain.config import DataConfig
 from pretrain.export.formats import ADAPTERS, CONFIG, INFO, TIMM, WEIGHTS, ExportOptions, metadata_files
 from pretrain.export.plain import read_npz, read_pth
-from pretrain.models.specs import SPECS, UnknownModelError, ViTArgs, get_spec, spec_of_shape
+from pretrain.models.specs import SHAPE_FIELDS, SPECS, UnknownModelError, ViTArgs, get_spec, spec_of_shape
 from pretrain.models.vit import VisionTransformer, resize_pos_embed
 
 PLAIN = (".pth", ".npz")
@@ -88,8 +88,8 @@ def read_config(path: str | Path) -> dict:
 def args_from_config(cfg: dict) -> tuple[str, ViTArgs]:
     """timm's `architecture` + `model_args` -> (our variant name, ViTArgs), head size from `num_classes`.
 
-    The variant is the registered one of the same shape, else the one the architecture name starts from (with the
-    shape of `model_args`). Raises BackboneError for an architecture of no registered variant.
+    The variant is the registered one of the shape `model_args` give (timm's generic architecture names variants
+    timm lacks). Raises BackboneError for an architecture or a shape of no registered variant: no fallback.
     """
     arch = cfg["architecture"]
     spec = TIMM.spec_of(arch)
@@ -112,7 +112,14 @@ def args_from_config(cfg: dict) -> tuple[str, ViTArgs]:
         args = replace(spec.args, **over)
     except TypeError as e:
         raise BackboneError(f"model_args of {arch} do not fit a ViT ({e}); export with --format timm") from e
-    return (spec_of_shape(args) or spec).name, args
+    variant = spec_of_shape(args)
+    if variant is None:
+        shape = ", ".join(f"{k}={getattr(args, k)}" for k in SHAPE_FIELDS)
+        raise BackboneError(
+            f"model_args in {CONFIG} ({shape}) are the shape of no registered variant; "
+            f"known: {', '.join(sorted(SPECS))}"
+        )
+    return variant.name, args
 
 
 @dataclass

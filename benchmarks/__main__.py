@@ -137,6 +137,12 @@ def _export_rows(r: dict) -> list[dict]:
             "< 1.0",
         ),
         _row("export", f"{what}: time (ours also writes the file)", o["seconds"], d["seconds"], "s", "<= 1.0"),
+        *(
+            _row(
+                "export", f"{what}: --format {f} peak memory vs DeepSpeed", m["peak_mib"], d["peak_mib"], "MiB", "< 1.0"
+            )
+            for f, m in c["formats"].items()
+        ),
     ]
 
 

@@ -6,6 +6,7 @@ reads the process's peak resident memory (VmHWM in /proc/self/status, which, unl
 over from the parent across exec) and wall time:
 
 - ours: `export_checkpoint(..., format="timm")`: rebuild the fp32 weights and write model.safetensors + config;
+  the same for the plain formats, `pth` (torch.save layout, written tensor by tensor) and `npz` (vit_jax layout);
 - deepspeed: `get_fp32_state_dict_from_zero_checkpoint(...)`: rebuild the fp32 state dict in memory only
   (it writes nothing, so it does less work than ours);
 - idle: a process that only imports torch and pretrain.export: the floor both sides start from.
@@ -32,6 +33,8 @@ from pretrain.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / "tests" / "helpers" / "make_ds_checkpoint.py"
+PLAIN_FORMATS = ("pth", "npz")
+"""Measured besides timm: the formats that are not written by the safetensors streamer."""
 
 
 def _peak_mib() -> float:
@@ -48,8 +51,8 @@ def _worker(side: str, run: str, out: str) -> None:
     import pretrain.export as export
 
     t0 = time.perf_counter()
-    if side == "ours":
-        export.export_checkpoint(run, out, "timm")
+    if side in export.FORMATS:
+        export.export_checkpoint(run, out, side, head="keep")
     elif side == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -83,8 +86,9 @@ def run(quick: bool = True) -> dict:
     """Measure both sides on each checkpoint.
 
     Returns:
-        {"ours", "baseline", "ratio", "units", "cases": [{model, stage, params_mib, ours, deepspeed, idle}, ...]}
-        where the headline figures are the peak memory (MiB) of the last (largest-stage) case and ratio is
+        {"ours", "baseline", "ratio", "units", "cases": [{model, stage, params_mib, ours, formats, deepspeed, idle}]}
+        where `ours` is the timm export and `formats` maps pth / npz to their figures,
+        and the headline figures are the peak memory (MiB) of the last (largest-stage) case and ratio is
         DeepSpeed's peak over ours.
     """
     model = "vit_small_patch16" if quick else "vit_base_patch16"
@@ -100,7 +104,8 @@ def run(quick: bool = True) -> dict:
             case = {"model": model, "stage": stage, "ckpt_mib": round(sum(f.stat().st_size for f in files) / 2**20)}
             case["idle"] = _measure("idle", run_dir, Path(tmp) / "idle")
             case["deepspeed"] = _measure("deepspeed", run_dir, Path(tmp) / "ds")
-            case["ours"] = _measure("ours", run_dir, Path(tmp) / f"out{stage}")
+            case["ours"] = _measure("timm", run_dir, Path(tmp) / f"out{stage}")
+            case["formats"] = {f: _measure(f, run_dir, Path(tmp) / f"{f}{stage}") for f in PLAIN_FORMATS}
             case["params_mib"] = round((Path(tmp) / f"out{stage}" / "model.safetensors").stat().st_size / 2**20)
             cases.append(case)
     last = cases[-1]
@@ -128,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{c['model']} ZeRO-{c['stage']} (2 ranks, checkpoint {c['ckpt_mib']} MiB, fp32 weights "
             f"{c['params_mib']} MiB): peak ours {o['peak_mib']:.0f} MiB / {o['seconds']:.2f} s, deepspeed "
-            f"{d['peak_mib']:.0f} MiB / {d['seconds']:.2f} s, idle process {i['peak_mib']:.0f} MiB"
+            f"{d['peak_mib']:.0f} MiB / {d['seconds']:.2f} s, idle process {i['peak_mib']:.0f} MiB; "
+            + ", ".join(f"{f} {m['peak_mib']:.0f} MiB / {m['seconds']:.2f} s" for f, m in c["formats"].items())
         )
     print_ratio(r)
     return 0

@@ -284,12 +284,19 @@ def test_output_is_atomic_and_guarded(zero_run, tmp_path, monkeypatch, capsys):
 
 
 def test_unsupported_models_are_refused():
-    from pretrain.export.formats import ExportError, ExportOptions, check_options
+    from pretrain.export.formats import ExportError, ExportOptions, check_options, default_head
 
     pre_logits = ViTArgs(img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=4, representation_size=64)
-    with pytest.raises(ExportError, match="--head drop"):
+    with pytest.raises(ExportError, match="--head keep works with --format torchvision, pth, npz"):
         check_options(pre_logits, ExportOptions("timm"))
     check_options(pre_logits, ExportOptions("hf", head="drop"))
+    defaults = {f: default_head(pre_logits, f) for f in ("timm", "torchvision", "hf", "pth", "npz")}
+    assert defaults == {"timm": "drop", "torchvision": "keep", "hf": "drop", "pth": "keep", "npz": "keep"}
+    plain = ViTArgs(img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=4)
+    with pytest.raises(ExportError, match="no pre-logits layer"):
+        check_options(plain, ExportOptions("pth", head="pre-logits"))
+    with pytest.raises(ExportError, match="stores float32 only"):
+        check_options(plain, ExportOptions("npz", dtype="bfloat16"))
     gap = ViTArgs(img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=4, pool="gap")
     with pytest.raises(ExportError, match="--format timm"):
         check_options(gap, ExportOptions("torchvision"))
@@ -343,6 +350,9 @@ def test_backbone_refuses_an_unknown_architecture():
 
     with pytest.raises(BackboneError, match="'vit_gigantic_patch16_224'.*known: vit_base_patch16_224"):
         args_from_config({"architecture": "vit_gigantic_patch16_224", "num_classes": 0})
+    odd = {"architecture": "vit_base_patch16_224", "model_args": {"embed_dim": 320, "depth": 5, "num_heads": 5}}
+    with pytest.raises(BackboneError, match="embed_dim=320, depth=5.*no registered variant; known: vit_base"):
+        args_from_config(odd)  # no fallback to the variant the architecture names
 
 
 def test_reader_never_runs_pickled_code(tmp_path):

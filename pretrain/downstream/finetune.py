@@ -1,6 +1,6 @@
 """Fine-tune or linear-probe an exported backbone with accelerate.
 
-    python -m pretrain.finetune --weights EXPORT_DIR --data DATA --out OUT [--epochs E | --steps N] ...
+    python -m pretrain.finetune --weights EXPORT_DIR|FILE.pth|FILE.npz --data DATA --out OUT [--epochs E | --steps N]
     accelerate launch -m pretrain.finetune --weights EXPORT_DIR --data DATA --out OUT --mixed-precision bf16 ...
 
 DATA is a shard folder (`python -m data_tools shard`, with `_info.json`) or an image folder with one sub-folder per
@@ -27,7 +27,7 @@ from pretrain.downstream.backbone import (
     BackboneError,
     export_files,
     load_backbone,
-    read_config,
+    read_saved,
     save_backbone,
 )
 from pretrain.downstream.finetune_data import (
@@ -53,8 +53,10 @@ def build_backbone(weights: str | None, model: str, img_size: int | None, names:
     """The exported backbone with a head for `names`, or (without `weights`) the variant `model` from scratch."""
     if weights:
         # The saved head is reused only for the very same classes; any other data gets a new zero head (ViT paper).
-        same = [str(n) for n in read_config(weights).get("label_names") or []] == names
-        return load_backbone(weights, num_classes=len(names), img_size=img_size, fresh_head=not same)
+        # A pre-logits layer is always dropped with its head (the paper's recipe; the timm-layout result lacks it).
+        saved = read_saved(weights)
+        fresh = saved.class_names != names or bool(saved.args.representation_size)
+        return load_backbone(saved, num_classes=len(names), img_size=img_size, fresh_head=fresh)
     try:
         net = create_vit(model, num_classes=len(names), img_size=img_size)
     except ValueError as e:

@@ -21,7 +21,7 @@ class FinetuneOptions:
     data: str
     """Shard folder with `_info.json`, or an image folder of class folders (sharded once into a cache folder)."""
     weights: str | None = None
-    """Exported backbone folder (timm layout); None trains `model` from scratch."""
+    """Exported backbone (timm, pth or npz export folder, or a .pth / .npz file); None trains `model` from scratch."""
     out: str | None = None
     """Folder for the result (safetensors + config.json), written atomically; None saves nothing."""
     val_data: str | None = None
@@ -92,7 +92,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         prog="python -m pretrain.finetune", description=description, argument_default=argparse.SUPPRESS
     )
     add = ap.add_argument
-    add("--weights", help="exported backbone folder (timm format); omit to train from scratch")
+    add("--weights", help="exported backbone: timm / pth / npz export folder or .pth / .npz file; omit: from scratch")
     add("--data", required=True, help="shard folder with _info.json, or image folder of class folders")
     add("--val-data", help="held-out shards or image folder (default: the val split of --data)")
     add("--train-split", help="split of --data to train on")

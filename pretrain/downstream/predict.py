@@ -3,8 +3,9 @@
     python -m pretrain.predict WEIGHTS_DIR IMAGE [IMAGE ...] [--top-k 5]
 
 WEIGHTS_DIR is a folder in the timm layout (`pretrain.finetune --out`, or `pretrain.export --format timm` with its
-head). Each image gets the evaluation transform of the input stream (shorter side resized to img_size / crop_pct,
-centre crop, normalised with the weights' mean/std), and its top classes are printed with their probabilities:
+head), a `pretrain.export --format pth|npz` folder, or a `.pth` / `.npz` file (`pretrain.downstream.backbone`).
+Each image gets the evaluation transform of the input stream (shorter side resized to img_size / crop_pct, centre
+crop, normalised with the weights' mean/std), and its top classes are printed with their probabilities:
 
     digit_7.png
       0.9731  7
@@ -62,7 +63,7 @@ def predict(bb: Backbone, images: torch.Tensor, k: int = 5) -> list[list[tuple[s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pretrain.predict", description="Top-5 classes of images.")
-    ap.add_argument("weights", help="folder with config.json + model.safetensors (pretrain.finetune --out)")
+    ap.add_argument("weights", help="pretrain.finetune --out or pretrain.export folder, or a .pth / .npz file")
     ap.add_argument("images", nargs="+", help="image files")
     ap.add_argument("--top-k", type=int, default=5, help="classes printed per image")
     a = ap.parse_args(argv)

@@ -1,12 +1,13 @@
-"""Export a ZeRO checkpoint's fp32 master weights to timm, torchvision or Hugging Face transformers.
+"""Export a ZeRO checkpoint's fp32 master weights to timm, torchvision, Hugging Face transformers, a plain PyTorch
+`.pth` or the original JAX `.npz`.
 
-    python -m pretrain.export RUN_OR_CHECKPOINTS_DIR OUT --format timm|torchvision|hf \\
-        [--tag TAG] [--dtype float32|bfloat16] [--head keep|drop] [--img-size S]
+    python -m pretrain.export RUN_OR_CHECKPOINTS_DIR OUT --format timm|torchvision|hf|pth|npz \\
+        [--tag TAG] [--dtype float32|bfloat16] [--head keep|pre-logits|drop] [--img-size S]
 
 Steps: pick the checkpoint (newest complete tag, or `--tag`), list its tensors from the shard headers, map every
-name to the target format (on `meta` tensors, for the safetensors header), then stream: rebuild one fp32
-parameter from the rank shards (`zero.py`), rename / split / resample / cast it (`formats.py`), append it to
-`model.safetensors`. Everything is written into a temporary folder that is renamed to OUT only at the end.
+name to the target format (on `meta` tensors, for the file's header), then stream: rebuild one fp32 parameter from
+the rank shards (`zero.py`), rename / split / resample / cast it (`formats.py`, `plain.py`), append it to the
+weights file. Everything is written into a temporary folder that is renamed to OUT only at the end.
 See docs/export.md.
 """
 
@@ -25,18 +26,20 @@ from data_tools.fsutil import atomic_path, check_replaceable
 from pretrain import checkpoint_format
 from pretrain.checkpoint_format import META, CheckpointError
 from pretrain.export.formats import (
+    ADAPTERS,
     DTYPES,
     FORMATS,
+    HEADS,
     INFO,
     WEIGHTS,
     ExportError,
     ExportOptions,
     check_options,
+    default_head,
     map_tensor,
     metadata_files,
     target_args,
 )
-from pretrain.export.safetensors_stream import write_safetensors
 from pretrain.export.zero import ZeroCheckpoint, ZeroCheckpointError
 from pretrain.models.specs import ViTArgs
 from pretrain.models.vit import param_shapes
@@ -44,6 +47,7 @@ from pretrain.models.vit import param_shapes
 __all__ = [
     "DTYPES",
     "FORMATS",
+    "HEADS",
     "WEIGHTS",
     "ExportError",
     "ExportOptions",
@@ -62,9 +66,11 @@ class ExportResult:
     tag_dir: Path
     """The checkpoint tag folder that was read."""
     num_tensors: int
-    """Tensors in model.safetensors."""
+    """Tensors in the weights file."""
     num_params: int
-    """Elements in model.safetensors."""
+    """Elements in the weights file."""
+    head: str
+    """What was kept of the head (`HEADS`): as asked, or the format's default."""
     seconds: float
     """Wall time of the export."""
 
@@ -105,16 +111,19 @@ def export_checkpoint(
     format: str,
     tag: str | None = None,
     dtype: str = "float32",
-    head: str = "keep",
+    head: str | None = None,
     img_size: int | None = None,
 ) -> ExportResult:
-    """Export one checkpoint to `out` (a folder) in `format`; see the module docstring and docs/export.md."""
+    """Export one checkpoint to `out` (a folder) in `format`; see the module docstring and docs/export.md.
+
+    `head` None: `default_head` (keep what the format can hold whole, else drop head and pre-logits layer)."""
     t0 = time.perf_counter()
-    opts = ExportOptions(format=format, dtype=dtype, head=head, img_size=img_size)
     out = Path(out)
     _check_out(out)
     tag_dir = find_checkpoint(checkpoint, tag)
     meta, args = _read_meta(tag_dir)
+    head = head or default_head(args, format)
+    opts = ExportOptions(format=format, dtype=dtype, head=head, img_size=img_size)
     check_options(args, opts)
     files = metadata_files(target_args(args, opts), meta, opts)  # refuses an unknown model before any weight is read
     with ZeroCheckpoint(tag_dir) as ckpt:
@@ -136,7 +145,8 @@ def export_checkpoint(
         with atomic_path(out) as tmp:
             tmp.mkdir()
             info = {"format": "pt", "source": "pretrain.export", "tag": tag_dir.name, "export_format": format}
-            write_safetensors(tmp / WEIGHTS, plan, _mapped(ckpt, args, opts), info)
+            adapter = ADAPTERS[format]
+            adapter.write(tmp / adapter.weights, plan, _mapped(ckpt, args, opts), info)
             for name, content in files.items():
                 (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
     return ExportResult(
@@ -144,6 +154,7 @@ def export_checkpoint(
         tag_dir=tag_dir,
         num_tensors=len(plan),
         num_params=sum(int(torch.Size(s).numel()) for s, _ in plan.values()),
+        head=head,
         seconds=time.perf_counter() - t0,
     )
 

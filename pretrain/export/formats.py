@@ -1,4 +1,5 @@
-"""The export formats, one adapter per target library over the model spec: timm, torchvision, Hugging Face.
+"""The export formats, one adapter per target library over the model spec: timm, torchvision, Hugging Face, and
+(`pretrain.export.plain`) a plain PyTorch `.pth` and the original JAX `.npz`.
 
 Our parameter names are timm's, so the timm adapter keeps them; the others rename each tensor by a table of rules
 (and `hf` splits the fused `qkv` projection into query/key/value). Each adapter also says which models its library
@@ -13,16 +14,21 @@ from __future__ import annotations
 import dataclasses
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from pretrain.checkpoint_format import META
+from pretrain.export.safetensors_stream import write_safetensors
 from pretrain.models.specs import SPECS, ModelSpec, UnknownModelError, ViTArgs, get_spec
 from pretrain.models.vit import resize_pos_embed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+HEADS = ("keep", "pre-logits", "drop")
+"""--head: keep the pre-logits layer and the head, keep the pre-logits layer alone, or drop both."""
 
 # What an export folder holds (also what `pretrain.downstream.backbone` reads back and fine-tuning writes).
 WEIGHTS = "model.safetensors"
@@ -43,7 +49,7 @@ class ExportOptions:
     dtype: str = "float32"
     """Floating-point dtype of the written tensors: `float32` or `bfloat16`."""
     head: str = "keep"
-    """`keep` the classifier head, or `drop` it (and the pre-logits layer) to export the backbone alone."""
+    """One of `HEADS`: `keep` the head (and pre-logits layer), `pre-logits` without the head, or `drop` both."""
     img_size: int | None = None
     """Resample the position embedding (bicubic) for this input size; None keeps the trained size."""
 
@@ -70,14 +76,26 @@ class Adapter(ABC):
     name: str
     class_token_only = False
     """True when the library's ViT pools the class token only (no `pool=gap`)."""
+    pre_logits_heads: tuple[str, ...] = ("drop",)
+    """The `--head` choices the library can hold for a model with a pre-logits layer."""
+    dtypes: tuple[str, ...] = tuple(DTYPES)
+    """The `--dtype` choices the file format can store."""
+    weights = WEIGHTS
+    """Name of the weights file in the output folder."""
 
     @abstractmethod
-    def rename(self, name: str, t: torch.Tensor, head: bool) -> list[tuple[str, torch.Tensor]]:
-        """One of our (timm-named) tensors -> one or more (name, tensor) of the library; `head`: the head is kept."""
+    def rename(self, name: str, t: torch.Tensor, args: ViTArgs, head: str) -> list[tuple[str, torch.Tensor]]:
+        """One of our (timm-named) tensors of the model `args` -> (name, tensor) of the library; `head`: `HEADS`."""
 
     @abstractmethod
     def config_files(self, spec: ModelSpec, args: ViTArgs, md: Metadata) -> dict[str, dict[str, Any]]:
         """JSON files (name -> content) the library needs next to the weights of the model `args` describe."""
+
+    def write(
+        self, path: Path, plan: dict[str, tuple[torch.Size, torch.dtype]], tensors: Iterator, info: dict[str, str]
+    ) -> None:
+        """Stream `tensors` (in `plan` order) into the weights file `path`; `info`: file metadata, where it has any."""
+        write_safetensors(path, plan, tensors, info)
 
 
 class TimmAdapter(Adapter):
@@ -96,7 +114,7 @@ class TimmAdapter(Adapter):
         family = re.sub(r"_\d+$", "", architecture)
         return next((s for s in SPECS.values() if s.timm and re.sub(r"_\d+$", "", s.timm) == family), None)
 
-    def rename(self, name: str, t: torch.Tensor, head: bool) -> list[tuple[str, torch.Tensor]]:
+    def rename(self, name: str, t: torch.Tensor, args: ViTArgs, head: str) -> list[tuple[str, torch.Tensor]]:
         return [(name, t)]
 
     def config_files(self, spec: ModelSpec, args: ViTArgs, md: Metadata) -> dict[str, dict[str, Any]]:
@@ -139,13 +157,13 @@ class RenamingAdapter(Adapter):
     """Prefix of every backbone name when the head is kept."""
     class_token_only = True
 
-    def rename(self, name: str, t: torch.Tensor, head: bool) -> list[tuple[str, torch.Tensor]]:
+    def rename(self, name: str, t: torch.Tensor, args: ViTArgs, head: str) -> list[tuple[str, torch.Tensor]]:
         new = next((re.sub(p, r, name) for p, r in self.rules if re.search(p, name)), None)
         if new is None:
             raise ExportError(
                 f"no mapping for parameter {name!r}; the checkpoint holds a model this export does not know"
             )
-        if head and not name.startswith("head."):
+        if head == "keep" and not name.startswith("head."):
             new = self.backbone_prefix + new
         if _QKV not in new:
             return [(new, t)]
@@ -157,6 +175,7 @@ class TorchvisionAdapter(RenamingAdapter):
     """torchvision.models.vision_transformer; its MLPBlock is Sequential(Linear, GELU, Dropout, Linear, Dropout)."""
 
     name = "torchvision"
+    pre_logits_heads = ("keep", "drop")  # VisionTransformer(representation_size=...): heads.pre_logits + Tanh
     rules = (
         (r"^patch_embed\.proj\.", "conv_proj."),
         (r"^cls_token$", "class_token"),
@@ -168,6 +187,7 @@ class TorchvisionAdapter(RenamingAdapter):
         (r"^blocks\.(\d+)\.mlp\.fc1\.", r"encoder.layers.encoder_layer_\1.mlp.0."),
         (r"^blocks\.(\d+)\.mlp\.fc2\.", r"encoder.layers.encoder_layer_\1.mlp.3."),
         (r"^norm\.", "encoder.ln."),
+        (r"^pre_logits\.fc\.", "heads.pre_logits."),
         (r"^head\.", "heads.head."),
     )
 
@@ -181,6 +201,7 @@ class TorchvisionAdapter(RenamingAdapter):
             "hidden_dim": args.embed_dim,
             "mlp_dim": int(args.embed_dim * args.mlp_ratio),
             **({"num_classes": args.num_classes} if head else {}),
+            **({"representation_size": args.representation_size} if head and args.representation_size else {}),
         }
         config = {
             "architecture": "torchvision.models.VisionTransformer",
@@ -198,9 +219,12 @@ class TorchvisionAdapter(RenamingAdapter):
 class HFAdapter(RenamingAdapter):
     """transformers' ViT checkpoint names, as its convert_vit_timm_to_pytorch.py writes them (transformers 5
     renames them on load to its new module names, 4.x uses them as they are). With a head the file is a
-    ViTForImageClassification checkpoint (backbone under "vit."), else a ViTModel one."""
+    ViTForImageClassification checkpoint (backbone under "vit."), else a ViTModel one, whose pooler (dense + tanh)
+    holds the pre-logits layer with `--head pre-logits` (the layout of the Hub's in21k checkpoints).
+    ViTForImageClassification classifies the class token directly, so no class holds pre-logits and head."""
 
     name = "hf"
+    pre_logits_heads = ("pre-logits", "drop")
     backbone_prefix = "vit."
     rules = (
         (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
@@ -213,6 +237,7 @@ class HFAdapter(RenamingAdapter):
         (r"^blocks\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
         (r"^blocks\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
         (r"^norm\.", "layernorm."),
+        (r"^pre_logits\.fc\.", "pooler.dense."),
         (r"^head\.", "classifier."),
     )
 
@@ -236,6 +261,8 @@ class HFAdapter(RenamingAdapter):
             "qkv_bias": True,
             "encoder_stride": args.patch_size,
             "dtype": md.dtype,
+            # --head pre-logits: the pooler (dense + tanh) is the pre-logits layer
+            **({"pooler_output_size": width, "pooler_act": "tanh"} if (width := args.representation_size) else {}),
             **(
                 {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
                 if head
@@ -256,23 +283,45 @@ class HFAdapter(RenamingAdapter):
         return {CONFIG: config, "preprocessor_config.json": preprocessor}
 
 
+# The plain formats subclass the adapters above, so they are imported once those exist.
+from pretrain.export.plain import NpzAdapter, PthAdapter  # noqa: E402
+
 TIMM = TimmAdapter()
-ADAPTERS: dict[str, Adapter] = {a.name: a for a in (TIMM, TorchvisionAdapter(), HFAdapter())}
+ADAPTERS: dict[str, Adapter] = {
+    a.name: a for a in (TIMM, TorchvisionAdapter(), HFAdapter(), PthAdapter(), NpzAdapter())
+}
 FORMATS = tuple(ADAPTERS)
+
+
+def default_head(args: ViTArgs, format: str) -> str:
+    """--head when not given: `keep` what the format can hold whole, else `drop` (the paper's fine-tuning recipe:
+    remove the head and the pre-logits layer)."""
+    adapter = ADAPTERS.get(format)
+    if args.num_classes <= 0 or (args.representation_size and adapter and "keep" not in adapter.pre_logits_heads):
+        return "drop"
+    return "keep"
 
 
 def check_options(args: ViTArgs, opts: ExportOptions) -> None:
     """Refuse exports the target library cannot represent, with the fix in the message."""
     if opts.format not in ADAPTERS:
         raise ExportError(f"unknown format {opts.format!r}; choose one of {', '.join(FORMATS)}")
+    adapter = ADAPTERS[opts.format]
     if opts.dtype not in DTYPES:
         raise ExportError(f"unknown dtype {opts.dtype!r}; choose one of {', '.join(DTYPES)}")
-    if opts.head not in ("keep", "drop"):
-        raise ExportError(f"--head must be keep or drop, got {opts.head!r}")
-    if opts.head == "keep" and args.representation_size:
+    if opts.dtype not in adapter.dtypes:
+        raise ExportError(f"--format {opts.format} stores {', '.join(adapter.dtypes)} only; use --dtype float32")
+    if opts.head not in HEADS:
+        raise ExportError(f"--head must be one of {', '.join(HEADS)}, got {opts.head!r}")
+    width = args.representation_size
+    if opts.head == "pre-logits" and not width:
+        raise ExportError("the model has no pre-logits layer (representation_size); use --head keep or drop")
+    if opts.head != "drop" and width and opts.head not in adapter.pre_logits_heads:
+        what = "the pre-logits layer and the head" if opts.head == "keep" else "the pre-logits layer alone"
+        can = ", ".join(f for f, a in ADAPTERS.items() if opts.head in a.pre_logits_heads)
         raise ExportError(
-            f"the model has a pre-logits layer (representation_size={args.representation_size}), which timm, "
-            "torchvision and transformers ViTs lack; export the backbone with --head drop"
+            f"--format {opts.format} cannot hold {what} (representation_size={width}); --head {opts.head} works "
+            f"with --format {can}, and --format {opts.format} takes --head {' or '.join(adapter.pre_logits_heads)}"
         )
     if opts.head == "keep" and args.num_classes <= 0:
         raise ExportError("the checkpoint has no classifier head (num_classes=0); export with --head drop")
@@ -285,19 +334,18 @@ def check_options(args: ViTArgs, opts: ExportOptions) -> None:
 
 
 def target_args(args: ViTArgs, opts: ExportOptions) -> ViTArgs:
-    """The model the exported weights describe: new input size, no head when dropped."""
-    head = opts.head == "keep"
+    """The model the exported weights describe: new input size, no head (or pre-logits layer) when dropped."""
     return replace(
         args,
         img_size=opts.img_size or args.img_size,
-        num_classes=args.num_classes if head else 0,
-        representation_size=args.representation_size if head else None,
+        num_classes=args.num_classes if opts.head == "keep" else 0,
+        representation_size=args.representation_size if opts.head != "drop" else None,
     )
 
 
 def map_tensor(name: str, t: torch.Tensor, args: ViTArgs, opts: ExportOptions) -> list[tuple[str, torch.Tensor]]:
     """One of our (timm-named) fp32 tensors -> zero or more (name, tensor) of the target format."""
-    if opts.head == "drop" and (name.startswith("head.") or name.startswith("pre_logits.")):
+    if (opts.head != "keep" and name.startswith("head.")) or (opts.head == "drop" and name.startswith("pre_logits.")):
         return []
     if name == "pos_embed" and opts.img_size and opts.img_size != args.img_size:
         grid = opts.img_size // args.patch_size
@@ -307,7 +355,7 @@ def map_tensor(name: str, t: torch.Tensor, args: ViTArgs, opts: ExportOptions) -
             t = resize_pos_embed(t, grid)  # (1, 1 + g'*g', D), bicubic as timm's resample_abs_pos_embed
     if t.is_floating_point():
         t = t.to(DTYPES[opts.dtype])
-    return ADAPTERS[opts.format].rename(name, t, opts.head == "keep")
+    return ADAPTERS[opts.format].rename(name, t, args, opts.head)
 
 
 def metadata_files(args: ViTArgs, meta: dict[str, Any], opts: ExportOptions) -> dict[str, dict[str, Any]]:
@@ -346,6 +394,7 @@ def metadata_files(args: ViTArgs, meta: dict[str, Any], opts: ExportOptions) -> 
         "dtype": opts.dtype,
         "mean": mean,
         "std": std,
+        "crop_pct": crop_pct,
         "source": {k: meta.get(k) for k in ("step", "samples_seen", "zero_stage", "world_size", "precision")},
     }
     return {INFO: info, **ADAPTERS[opts.format].config_files(spec, args, md)}

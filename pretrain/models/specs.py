@@ -5,7 +5,8 @@ Face: `pretrain.export.formats`) and the backbone loader all read these specs, s
 `SPECS`. This module imports no torch: the config loader uses it to refuse an unknown `model.name`.
 
 The paper's ImageNet-21k models (pre-logits layer) are not separate entries: a run sets the pre-logits width with
-`model.representation_size` on top of a variant (configs/vit_b16_i21k.yaml), and no target library has the layer.
+`model.representation_size` on top of a variant (configs/vit_b16_i21k.yaml); which export formats hold the layer is
+each adapter's `pre_logits_heads` (docs/export.md).
 """
 
 from __future__ import annotations

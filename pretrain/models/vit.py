@@ -2,8 +2,8 @@
 
 Parameter names and shapes equal timm's `VisionTransformer`, so `model.state_dict()` loads into
 `timm.create_model("vit_base_patch16_224", num_classes=...)` with `strict=True` and gives the same outputs.
-The optional pre-logits layer of the paper's ImageNet-21k models (`pre_logits.fc`) has no timm counterpart;
-it is dropped with the head on export.
+The optional pre-logits layer of the paper's ImageNet-21k models (`pre_logits.fc`) has no timm counterpart (the
+names are those of timm's 2020 ViT, which had it); exports keep it where the format holds it (docs/export.md).
 
 The variants and their arguments (`ViTArgs`) are declared in `pretrain.models.specs`. This module never imports
 DeepSpeed or torch.distributed: wrapping happens in `pretrain.train.engine`.

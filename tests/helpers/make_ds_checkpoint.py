@@ -1,12 +1,13 @@
 """Write a small real DeepSpeed ZeRO checkpoint through the training code's own `Engine` and `Checkpointer`, for
 export tests and the export benchmark, until tests can use real `pretrain.train` runs.
 
-    deepspeed --num_gpus 2 tests/helpers/make_ds_checkpoint.py RUN --stage 3 [--model vit_test_patch4] [--steps 2]
+    deepspeed --num_gpus 2 tests/helpers/make_ds_checkpoint.py RUN --stage 3 [--model vit_test_patch4] [--steps 2] \
+        [--representation-size R]
 
-Builds `create_vit(MODEL, num_classes=10)` under `pretrain.train.engine.Engine` (bf16, the given ZeRO stage, AdamW at a
-constant learning rate), takes a few optimizer steps on random images, then saves with
-`pretrain.train.checkpointer.Checkpointer` exactly as the training loop does. `RUN/config.yaml` holds the resolved
-config.
+Builds `create_vit(MODEL, num_classes=10)` (with a pre-logits layer of width R if given) under
+`pretrain.train.engine.Engine` (bf16, the given ZeRO stage, AdamW at a constant learning rate), takes a few optimizer
+steps on random images, then saves with `pretrain.train.checkpointer.Checkpointer` exactly as the training loop does.
+`RUN/config.yaml` holds the resolved config.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--stage", type=int, default=2)
     ap.add_argument("--model", default="vit_test_patch4")
     ap.add_argument("--num-classes", type=int, default=10)
+    ap.add_argument("--representation-size", type=int, help="pre-logits width (the paper's i21k models)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--local_rank", type=int, default=-1)  # passed by the deepspeed launcher
@@ -42,6 +44,7 @@ def config(a: argparse.Namespace, world: int) -> Config:
     cfg = Config()
     cfg.model.name = a.model
     cfg.model.num_classes = a.num_classes
+    cfg.model.representation_size = a.representation_size
     cfg.deepspeed.zero_stage = a.stage
     cfg.train.micro_batch_size = a.micro_batch
     cfg.train.global_batch_size = a.micro_batch * world
@@ -63,7 +66,7 @@ def main() -> None:
     rank, world, device = init_distributed()
     cfg = config(a, world)
     torch.manual_seed(0)
-    model = create_vit(a.model, num_classes=a.num_classes)
+    model = create_vit(a.model, num_classes=a.num_classes, representation_size=a.representation_size)
     args = model.args
     engine = Engine.from_config(model, cfg, world_size=world, device=device)
     state = TrainState(cfg.run.seed, rank, world)

@@ -59,7 +59,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_shards: str = ""
-    """Training shards: a folder with `_info.json`, a folder of `.tar` files, or a brace pattern / URL."""
+    """Training shards: a folder with `_info.json` (local, http(s):// or s3://), a folder of `.tar` files, or a brace
+    pattern / URL."""
     val_shards: str = ""
     """Held-out shards (same forms); empty disables evaluation."""
     train_split: str = "train"
@@ -92,6 +93,12 @@ class DataConfig:
     """Normalisation std."""
     max_bad_shards: int = 10
     """Unreadable or truncated shards tolerated per rank before the run stops."""
+    io_timeout_s: float = 30.0
+    """Remote shards: a connect or read stalling longer than this is a transient fault, retried."""
+    io_retries: int = 8
+    """Remote shards: transient faults (reset, 5xx/429, stall) retried per request, with backoff, at the same byte."""
+    io_chunk_bytes: int = 8 << 20
+    """Remote shards: bytes per ranged GET (a resume over-reads at most this much per worker)."""
 
 
 @dataclass
@@ -254,6 +261,8 @@ def validate(cfg: Config) -> None:
         "log.every_steps": cfg.log.every_steps,
         "optim.lr": cfg.optim.lr,
         "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "data.io_timeout_s": cfg.data.io_timeout_s,
+        "data.io_chunk_bytes": cfg.data.io_chunk_bytes,
     }
     for key, v in positive.items():
         if v <= 0:
@@ -266,6 +275,7 @@ def validate(cfg: Config) -> None:
         "data.mixup_alpha": cfg.data.mixup_alpha,
         "train.eval_every_steps": cfg.train.eval_every_steps,
         "checkpoint.keep_every": cfg.checkpoint.keep_every,
+        "data.io_retries": cfg.data.io_retries,
     }
     for key, v in non_negative.items():
         if v < 0:

@@ -20,6 +20,7 @@ from pretrain.config import DataConfig
 from pretrain.data.evalstream import EvalStream, eval_batches_per_worker
 from pretrain.data.positions import batches_per_rank, unfinished
 from pretrain.data.shards import ShardError, ShardList, resolve_shards
+from pretrain.data.storage import IOPolicy
 from pretrain.data.stream import StreamSpec, TrainStream
 from pretrain.data.transforms import EvalTransform, TrainTransform
 
@@ -65,9 +66,11 @@ class TrainLoader:
         self._counters = [_zero_counters() for _ in range(self.slots)]
         self._base = {"bad_samples": 0, "bad_shards": 0}
         self._wait, self._images, self._t0 = 0.0, 0, time.perf_counter()
+        self._io = [{"io_retries": 0, "io_bytes": 0} for _ in range(self.slots)]  # per worker process, cumulative
+        self._io_bytes0 = 0
 
     def _new_epoch_workers(self) -> None:
-        self._workers = [{"watermark": 0, "raw": 0} for _ in range(self.slots)]
+        self._workers = [{"watermark": 0, "raw": 0, "buffer": None} for _ in range(self.slots)]
 
     @property
     def batches_per_epoch(self) -> int | None:
@@ -114,7 +117,8 @@ class TrainLoader:
     def _consume(self, meta: dict) -> None:
         w = meta["worker"]
         self._k += 1
-        self._workers[w] = {"watermark": meta["watermark"], "raw": meta["raw"]}
+        self._workers[w] = {"watermark": meta["watermark"], "raw": meta["raw"], "buffer": meta["buffer"]}
+        self._io[w] = {"io_retries": meta["io_retries"], "io_bytes": meta["io_bytes"]}
         self._counters[w] = {k: meta[k] for k in ("bad_samples", "bad_shards", "last_bad_shard")}
         bad = self._base["bad_shards"] + sum(c["bad_shards"] for c in self._counters)
         if bad > self.spec.max_bad_shards:
@@ -124,12 +128,20 @@ class TrainLoader:
             )
 
     def stats(self, reset: bool = True) -> dict:
-        """images_per_s and data_wait_fraction (time spent waiting in next() / wall time) since the last reset."""
+        """images_per_s, data_wait_fraction (time spent waiting in next() / wall time) and storage_bytes_per_s
+        (remote reads) since the last reset; the bad-data counts and io_retries (remote faults retried) so far."""
         now = time.perf_counter()
         dt = max(now - self._t0, 1e-9)
-        out = {"images_per_s": self._images / dt, "data_wait_fraction": min(1.0, self._wait / dt), **self.bad_counts()}
+        io_bytes = sum(x["io_bytes"] for x in self._io)
+        out = {
+            "images_per_s": self._images / dt,
+            "data_wait_fraction": min(1.0, self._wait / dt),
+            "storage_bytes_per_s": (io_bytes - self._io_bytes0) / dt,
+            "io_retries": sum(x["io_retries"] for x in self._io),
+            **self.bad_counts(),
+        }
         if reset:
-            self._wait, self._images, self._t0 = 0.0, 0, now
+            self._wait, self._images, self._t0, self._io_bytes0 = 0.0, 0, now, io_bytes
         return out
 
     def bad_counts(self) -> dict:
@@ -187,7 +199,9 @@ class TrainLoader:
             mine = states[s.rank]
             k = mine["batches"]
             self._epoch, self._k, self._segment, self._reseed = mine["epoch"], k, mine["segment"], mine["reseed"]
-            self._workers = [{"watermark": w["watermark"], "raw": w["raw"]} for w in mine["workers"]]
+            self._workers = [
+                {"watermark": w["watermark"], "raw": w["raw"], "buffer": w.get("buffer")} for w in mine["workers"]
+            ]
             self._counters = [
                 {x: w[x] for x in ("bad_samples", "bad_shards", "last_bad_shard")} for w in mine["workers"]
             ]
@@ -196,6 +210,7 @@ class TrainLoader:
                 "epoch": self._epoch,
                 "segment": self._segment,
                 "skip_raw": [w["raw"] for w in self._workers],
+                "buffers": [w["buffer"] for w in self._workers],
                 "skip_batches": [k // self.slots + (w < k % self.slots) for w in range(self.slots)],
                 "counters": self._counters,
                 "reseed": self._reseed,
@@ -255,6 +270,11 @@ class EvalLoader:
             yield batch
 
 
+def io_policy(cfg: DataConfig) -> IOPolicy:
+    """Timeouts, retries and request size for remote shards, from the data config."""
+    return IOPolicy(timeout_s=cfg.io_timeout_s, retries=cfg.io_retries, chunk_bytes=cfg.io_chunk_bytes)
+
+
 def build_train_loader(
     cfg: DataConfig,
     *,
@@ -268,7 +288,8 @@ def build_train_loader(
     pin_memory: bool | None = None,
 ) -> TrainLoader:
     """The training loader of one rank from a `DataConfig` (`cfg.train_shards`, mode, augmentation, ...)."""
-    shards = resolve_shards(cfg.train_shards, cfg.train_split, count=cfg.mode == "epoch")
+    io = io_policy(cfg)
+    shards = resolve_shards(cfg.train_shards, cfg.train_split, count=cfg.mode == "epoch", policy=io)
     transform = TrainTransform(img_size, cfg.crop_scale_min, cfg.hflip, cfg.randaugment_ops, cfg.randaugment_magnitude)
     spec = StreamSpec(
         shards.urls,
@@ -284,6 +305,7 @@ def build_train_loader(
         max_bad_shards=cfg.max_bad_shards,
         multilabel=multilabel,
         img_size=img_size,
+        io=io,
     )
     workers = cfg.num_workers if num_workers is None else num_workers
     return TrainLoader(shards, spec, workers, pin_memory)
@@ -303,7 +325,7 @@ def build_eval_loader(
     """The evaluation loader of one rank (None when `cfg.val_shards` is empty)."""
     if not cfg.val_shards:
         return None
-    shards = resolve_shards(cfg.val_shards, cfg.val_split)
+    shards = resolve_shards(cfg.val_shards, cfg.val_split, policy=io_policy(cfg))
     spec = StreamSpec(
         shards.urls,
         shards.lengths,
@@ -316,6 +338,7 @@ def build_eval_loader(
         max_bad_shards=cfg.max_bad_shards,
         multilabel=multilabel,
         img_size=img_size,
+        io=io_policy(cfg),
     )
     workers = cfg.num_workers if num_workers is None else num_workers
     return EvalLoader(shards, spec, workers, pin_memory)

@@ -50,6 +50,7 @@ class _Server:
 
 class _Quiet(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else every small response waits ~40 ms for a delayed ACK
 
     def log_message(self, *args) -> None:  # keep the test output clean
         pass
@@ -64,15 +65,16 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 class ShardServer(_Server):
-    """Serves `root` over HTTP/1.1 with Range requests (206 / 416); `served` counts body bytes sent."""
+    """Serves `root` over HTTP/1.1 with Range requests (206 / 416); `served` counts body bytes sent, `log` holds
+    (path, start, stop) of every body."""
 
     def __init__(self, root: Path):
-        self.root, self.served, self.requests = Path(root), 0, 0
+        self.root, self.served, self.requests, self.log = Path(root), 0, 0, []
         super().__init__(_ShardHandler)
 
     def reset_counts(self) -> None:
         with self.lock:
-            self.served, self.requests = 0, 0
+            self.served, self.requests, self.log = 0, 0, []
 
 
 class _ShardHandler(_Quiet):
@@ -102,6 +104,7 @@ class _ShardHandler(_Quiet):
         with owner.lock:
             owner.served += len(body)
             owner.requests += 1
+            owner.log.append((urlparse(self.path).path, start, start + len(body)))
         self.wfile.write(body)
 
 

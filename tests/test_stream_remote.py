@@ -1,0 +1,144 @@
+"""Shards over HTTP and S3 (real servers on 127.0.0.1): the same batches as local disk, faults retried at the same
+sample, a missing shard counted and named, and resume reading O(shuffle buffer) instead of replaying the epoch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools import format as fmt
+from pretrain.data import build_train_loader, resolve_shards
+from pretrain.data.decode import read_shard
+from tests.helpers.servers import FaultProxy, MotoServer, ShardServer
+from tests.test_stream import BS, cfg_for, run
+
+BUFFER = 64  # cfg_for's data.shuffle_buffer
+CHUNK = 8192
+
+
+@pytest.fixture(scope="module")
+def moto(digits_shards):
+    """moto's S3 server holding the digits shards under s3://shards/digits/; the AWS environment points at it."""
+    with MotoServer() as m:
+        url = m.upload(digits_shards, "shards", "digits")
+        saved = {k: os.environ.get(k) for k in m.env}
+        os.environ.update(m.env)
+        yield url
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def remote_cfg(url: str, **kw):
+    return cfg_for(url, io_chunk_bytes=CHUNK, **kw)
+
+
+def same_batches(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        x["key"] == y["key"] and torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_http_and_s3_give_the_local_batches(digits_shards, moto):
+    local, _ = run(remote_cfg(str(digits_shards)), n=12)
+    with ShardServer(digits_shards) as srv:
+        http, st = run(remote_cfg(srv.url + "/"), n=12)
+        assert srv.requests > 0
+        pattern = srv.url + "/train-{000000..000008}.tar"  # a brace pattern takes its counts from _info.json
+        assert resolve_shards(pattern).lengths == resolve_shards(str(digits_shards)).lengths
+    s3, _ = run(remote_cfg(moto), n=12)
+    assert same_batches(local, http) and same_batches(local, s3)
+    assert st["workers"][0]["buffer"]["cursor"] > 0  # the shuffle buffer's state travels in the stream state
+    # the index written by `data_tools shard`: a read from sample 150's byte gives samples 150.. of the shard
+    offsets = fmt.parse_index((digits_shards / fmt.index_name("train-000001.tar")).read_bytes())
+    with open(digits_shards / "train-000001.tar", "rb") as f:
+        assert fmt.scan_index(f) == offsets
+    want = [raw.key for _, raw in read_shard(str(digits_shards / "train-000001.tar"), 150, 160)]
+    with ShardServer(digits_shards) as srv:
+        url = srv.url + "/train-000001.tar"
+        got = [(i, raw.key) for i, raw in read_shard(url, 150, 160, offsets)]
+        served = srv.served
+    assert got == list(zip(range(150, 160), want, strict=True))
+    assert served == offsets[160] - offsets[150]  # exactly the ten samples' bytes
+
+
+def test_faults_are_retried_at_the_same_sample_and_a_404_shard_is_counted(digits_shards, tmp_path):
+    missing = "train-000004.tar"
+    # the fault-free reference: the same shards on local disk without the shard the proxy answers 404 for
+    local = tmp_path / "local"
+    shutil.copytree(digits_shards, local)
+    (local / missing).unlink()
+    ref, ref_state = run(cfg_for(local))
+    schedule = {2: "reset", 3: "503", 5: "stall", 7: "reset", 8: "reset", 11: "503"}
+    with ShardServer(digits_shards) as srv, FaultProxy(srv.url, schedule, missing=(missing,), stall_s=2.5) as proxy:
+        cfg = remote_cfg(proxy.url + "/", io_timeout_s=1.0, io_retries=4)
+        loader = build_train_loader(cfg, img_size=16, batch_size=BS, num_workers=2)
+        it = iter(loader)
+        got = [next(it) for _ in range(loader.batches_per_epoch)]
+        state, stats = loader.state_dict(), loader.stats()
+        it.close()
+        injected = proxy.injected
+    assert injected == len(schedule)
+    assert stats["io_retries"] == injected  # one retry per fault, reported with the batches
+    assert stats["storage_bytes_per_s"] > 0
+    assert same_batches(ref, got)  # every fault retried where it broke: the batches of the fault-free run
+    assert state["bad_shards"] == ref_state["bad_shards"] == 1
+    assert {w["last_bad_shard"] for w in state["workers"]} - {""} == {proxy.url + "/" + missing}
+
+
+def touched(log: list[tuple[str, int, int]], root: Path) -> int:
+    """Samples whose bytes a list of served (path, start, stop) ranges overlaps (with repeats), over all shards."""
+    n = 0
+    for path, a, b in log:
+        if path.endswith(".tar"):
+            offsets = fmt.parse_index((root / fmt.index_name(path.lstrip("/"))).read_bytes())
+            n += sum(1 for i in range(len(offsets) - 1) if offsets[i] < b and a < offsets[i + 1])
+    return n
+
+
+FRACTIONS = (0.1, 0.5, 0.9)
+
+
+@pytest.fixture(scope="module")
+def one_epoch(digits_shards) -> tuple[list[dict], dict[int, dict]]:
+    """An uninterrupted epoch from local disk (0 workers) and the stream state after 10, 50 and 90 % of it."""
+    loader = build_train_loader(cfg_for(digits_shards), img_size=16, batch_size=BS, num_workers=0)
+    n = loader.batches_per_epoch
+    at = {int(n * f) for f in FRACTIONS}
+    batches, states, it = [], {}, iter(loader)
+    for _ in range(n):
+        batches.append(next(it))
+        if len(batches) in at:
+            states[len(batches)] = loader.state_dict()
+    it.close()
+    return batches, states
+
+
+@pytest.mark.parametrize("fraction", FRACTIONS)
+def test_resume_reads_the_shuffle_buffer_not_the_epoch(digits_shards, one_epoch, fraction):
+    """0 workers: the pipeline runs in this process, pulled one batch at a time, so the bytes are exact."""
+    epoch, states = one_epoch
+    k = int(len(epoch) * fraction)
+    state = states[k]
+    replay_state = {**state, "workers": [{**w, "buffer": None} for w in state["workers"]]}  # today's resume
+    reads = {}
+    with ShardServer(digits_shards) as srv:
+        for name, st in (("buffer", state), ("replay", replay_state)):
+            loader = build_train_loader(remote_cfg(srv.url + "/"), img_size=16, batch_size=BS, num_workers=0)
+            loader.load_state_dict(st)
+            srv.reset_counts()
+            it = iter(loader)
+            first = next(it)
+            reads[name] = touched(srv.log, digits_shards)
+            second = next(it)
+            it.close()
+            assert same_batches([first, second], epoch[k : k + 2]), name  # bit-identical after resume
+    assert reads["buffer"] <= BUFFER + 2 * BS  # the held samples and the first batch's new ones (plus read-ahead)
+    assert reads["replay"] >= k * BS  # replay re-reads every sample drawn before the checkpoint

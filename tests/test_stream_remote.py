@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from pretrain.data import build_train_loader, resolve_shards
 from pretrain.data.decode import read_shard
 from tests.helpers.servers import FaultProxy, MotoServer, ShardServer
 from tests.test_stream import BS, cfg_for, run
+from tests.test_train import fp32_weights, launch, losses
 
 BUFFER = 64  # cfg_for's data.shuffle_buffer
 CHUNK = 8192
@@ -142,3 +144,24 @@ def test_resume_reads_the_shuffle_buffer_not_the_epoch(digits_shards, one_epoch,
             assert same_batches([first, second], epoch[k : k + 2]), name  # bit-identical after resume
     assert reads["buffer"] <= BUFFER + 2 * BS  # the held samples and the first batch's new ones (plus read-ahead)
     assert reads["replay"] >= k * BS  # replay re-reads every sample drawn before the checkpoint
+
+
+@pytest.mark.slow
+def test_two_rank_training_over_local_http_with_faults_and_s3_is_identical(digits_shards, moto, tmp_path):
+    """The same 2-rank run from local disk, from HTTP through the fault-injecting proxy, and from S3."""
+    steps = ["train.steps=3", "checkpoint.every_steps=3", "data.io_timeout_s=1", "train.eval_batches=1"]
+    schedule = {1: "reset", 4: "503", 6: "stall", 9: "reset"}
+    outs = {name: tmp_path / name for name in ("local", "http", "s3")}
+    with ShardServer(digits_shards) as srv, FaultProxy(srv.url, schedule, stall_s=2.5) as proxy:
+        sources = {"local": digits_shards, "http": proxy.url + "/", "s3": moto}
+        with ThreadPoolExecutor(3) as pool:  # three launches at once: their start-up (imports) dominates
+            rcs = dict(zip(sources, pool.map(lambda n: launch(sources[n], outs[n], *steps), sources), strict=True))
+        injected = proxy.injected
+    for name, rc in rcs.items():
+        assert rc == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    assert injected == len(schedule) and "retrying" in (tmp_path / "http.log").read_text()
+    ref = fp32_weights(outs["local"], "step_00000003")
+    for name in ("http", "s3"):
+        assert losses(outs[name]) == losses(outs["local"]), name  # every step, exactly
+        ours = fp32_weights(outs[name], "step_00000003")
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), name

@@ -22,6 +22,7 @@ import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from data_tools import storage
 from data_tools.errors import DataToolsError
 from data_tools.fsutil import atomic_write
 
@@ -224,11 +225,19 @@ def info_classes(info: dict) -> tuple[list[str], int | None]:
 
 
 def read_info(folder: str | os.PathLike) -> dict:
-    """Read `folder/_info.json`.
+    """Read `folder/_info.json` (a local folder, or an http(s):// / s3:// folder URL).
 
     Raises:
-        FormatError: the file is missing, is not JSON, or is not a JSON object with a `splits` object.
+        FormatError: the file is missing or unreadable, is not JSON, or is not a JSON object with a `splits` object.
     """
+    if storage.is_remote(str(folder)):
+        url = storage.join(str(folder), INFO)
+        try:
+            return parse_info(storage.read_bytes(url), url)
+        except storage.StorageError as e:
+            raise FormatError(
+                f"'{url}' cannot be read ({e}); pass the URL of a folder written by `data_tools shard`"
+            ) from None
     path = Path(folder) / INFO
     if not path.is_file():
         raise FormatError(f"'{path}' not found; pass a folder written by `data_tools shard`")

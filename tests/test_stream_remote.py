@@ -12,6 +12,10 @@ import pytest
 import torch
 
 from data_tools import format as fmt
+from data_tools.__main__ import main as data_tools_main
+from data_tools.info import describe
+from data_tools.storage import read_bytes
+from data_tools.verify import verify
 from pretrain.data import build_train_loader, resolve_shards
 from pretrain.data.decode import read_shard
 from tests.helpers.servers import FaultProxy, MotoServer, ShardServer
@@ -93,6 +97,20 @@ def test_faults_are_retried_at_the_same_sample_and_a_404_shard_is_counted(digits
     assert same_batches(ref, got)  # every fault retried where it broke: the batches of the fault-free run
     assert state["bad_shards"] == ref_state["bad_shards"] == 1
     assert {w["last_bad_shard"] for w in state["workers"]} - {""} == {proxy.url + "/" + missing}
+
+
+def test_data_tools_shard_to_s3_then_info_and_verify_over_s3_and_http(digits_dir, digits_shards, moto, tmp_path):
+    url = "s3://shards/written/"
+    args = ["--staging", str(tmp_path / "staging"), "--val-per-class", "5", "--samples-per-shard", "200"]
+    assert data_tools_main(["shard", str(digits_dir), url, *args, "--no-progress"]) == 0
+    local = resolve_shards(str(digits_shards))
+    assert resolve_shards(url).lengths == local.lengths  # the same shards, with _info.json, uploaded
+    assert read_bytes(url + "train-000003.tar.idx") == (digits_shards / "train-000003.tar.idx").read_bytes()
+    assert data_tools_main(["verify", url, "--workers", "1", "--no-progress"]) == 0
+    with ShardServer(digits_shards) as srv:
+        assert describe(srv.url + "/")["splits"] == describe(digits_shards)["splits"]  # bytes, counts, nothing missing
+        assert verify(srv.url + "/", workers=1, progress=False)["ok"]
+    assert data_tools_main(["shard", str(digits_dir), "http://127.0.0.1:1/x/", "--no-progress"]) == 2  # no output
 
 
 def touched(log: list[tuple[str, int, int]], root: Path) -> int:

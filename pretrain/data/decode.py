@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from data_tools.format import LABEL_EXT, SAMPLE_EXTS, LabelError, image_ext, is_ignored, parse_cls, split_name
-from pretrain.data.storage import IOPolicy, StorageError, is_remote, open_stream
+from data_tools.storage import IOPolicy, StorageError, is_remote, open_stream
 
 MAX_PIXELS = 1 << 28
 """Larger images are rejected as corrupt (a decompression bomb guard, as Pillow's)."""

@@ -16,11 +16,11 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from data_tools.storage import IOPolicy
 from pretrain.config import DataConfig
 from pretrain.data.evalstream import EvalStream, eval_batches_per_worker
 from pretrain.data.positions import batches_per_rank, unfinished
 from pretrain.data.shards import ShardError, ShardList, resolve_shards
-from pretrain.data.storage import IOPolicy
 from pretrain.data.stream import StreamSpec, TrainStream
 from pretrain.data.transforms import EvalTransform, TrainTransform
 
@@ -289,7 +289,7 @@ def build_train_loader(
 ) -> TrainLoader:
     """The training loader of one rank from a `DataConfig` (`cfg.train_shards`, mode, augmentation, ...)."""
     io = io_policy(cfg)
-    shards = resolve_shards(cfg.train_shards, cfg.train_split, count=cfg.mode == "epoch", policy=io)
+    shards = resolve_shards(cfg.train_shards, cfg.train_split, count=cfg.mode == "epoch")
     transform = TrainTransform(img_size, cfg.crop_scale_min, cfg.hflip, cfg.randaugment_ops, cfg.randaugment_magnitude)
     spec = StreamSpec(
         shards.urls,
@@ -325,7 +325,7 @@ def build_eval_loader(
     """The evaluation loader of one rank (None when `cfg.val_shards` is empty)."""
     if not cfg.val_shards:
         return None
-    shards = resolve_shards(cfg.val_shards, cfg.val_split, policy=io_policy(cfg))
+    shards = resolve_shards(cfg.val_shards, cfg.val_split)
     spec = StreamSpec(
         shards.urls,
         shards.lengths,

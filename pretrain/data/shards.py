@@ -16,7 +16,7 @@ from pathlib import Path
 import braceexpand
 
 from data_tools import format as fmt
-from pretrain.data.storage import IOPolicy, StorageError, is_remote, join, parent, read_bytes
+from data_tools.storage import is_remote, join, parent
 
 
 class ShardError(ValueError):
@@ -40,7 +40,7 @@ class ShardList:
         return None if self.lengths is None else sum(self.lengths)
 
 
-def resolve_shards(spec: str, split: str = "train", *, count: bool = True, policy: IOPolicy | None = None) -> ShardList:
+def resolve_shards(spec: str, split: str = "train", *, count: bool = True) -> ShardList:
     """Turn a shard specification into a `ShardList`.
 
     Args:
@@ -51,7 +51,6 @@ def resolve_shards(spec: str, split: str = "train", *, count: bool = True, polic
             `pipe:curl -s https://host/train-{000..127}.tar`.
         split: split name in `_info.json` and in shard file names.
         count: count samples of local shards that `_info.json` does not describe (reads tar headers only).
-        policy: timeouts and retries for reading `_info.json` from a URL.
 
     Raises:
         ShardError: nothing matches, or `_info.json` lacks the split.
@@ -59,7 +58,7 @@ def resolve_shards(spec: str, split: str = "train", *, count: bool = True, polic
     if not spec:
         raise ShardError(f"no shards given for split {split!r}; set data.train_shards / data.val_shards")
     if is_remote(spec) and not spec.endswith(".tar") and "{" not in spec:  # a remote folder
-        return _from_info(spec, _remote_info(spec, policy, required=True), split)
+        return _from_info(spec, _remote_info(spec, required=True), split)
     path = Path(spec)
     if path.is_dir():
         if (path / fmt.INFO).is_file():
@@ -79,7 +78,7 @@ def resolve_shards(spec: str, split: str = "train", *, count: bool = True, polic
             if (folder / fmt.INFO).is_file():
                 return _match_info(urls, _read_info(folder), split)
         elif all(is_remote(u) for u in urls):
-            info = _remote_info(parent(urls[0]), policy, required=False)
+            info = _remote_info(parent(urls[0]), required=False)
             if info is not None:
                 return _match_info(urls, info, split)
     lengths = None
@@ -108,16 +107,13 @@ def _read_info(folder: Path) -> dict:
         raise ShardError(str(e)) from None
 
 
-def _remote_info(folder: str, policy: IOPolicy | None, required: bool) -> dict | None:
-    """`_info.json` of a remote folder; None when it has none and it is not `required`."""
-    url = join(folder, fmt.INFO)
+def _remote_info(folder: str, required: bool) -> dict | None:
+    """`_info.json` of a remote folder; None when it cannot be read and it is not `required`."""
     try:
-        return fmt.parse_info(read_bytes(url, policy), url)
+        return fmt.read_info(folder)
     except fmt.FormatError as e:
-        raise ShardError(str(e)) from None
-    except StorageError as e:
         if required:
-            raise ShardError(f"cannot read {url} ({e}); point data.*_shards at a data_tools folder") from None
+            raise ShardError(str(e)) from None
         return None
 
 

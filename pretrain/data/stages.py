@@ -24,8 +24,8 @@ from typing import NamedTuple, TypeVar
 import torch
 
 from data_tools import format as fmt
+from data_tools.storage import IOPolicy, StorageError, is_remote, read_bytes
 from pretrain.data.decode import BadSample, BadShard, RawSample, image_bytes, label_of, read_shard
-from pretrain.data.storage import IOPolicy, StorageError, is_remote, read_bytes
 
 log = logging.getLogger("pretrain.data")
 T = TypeVar("T")

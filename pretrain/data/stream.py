@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data_tools.storage import IO_STATS, IOPolicy, is_remote
 from pretrain.data.positions import batches_per_rank, epoch_offsets, mix, slot_range, virtual_runs, worker_quotas
 from pretrain.data.stages import (
     Counters,
@@ -39,7 +40,6 @@ from pretrain.data.stages import (
     shard_samples,
     shuffled,
 )
-from pretrain.data.storage import IO_STATS, IOPolicy, is_remote
 
 log = logging.getLogger("pretrain.data")
 

@@ -2,6 +2,12 @@
 
     open_stream(url, start, end, io)   a sequential reader of bytes [start, end) of one object
     read_bytes(url, io)                 a whole small object (`_info.json`, a shard index)
+    object_size(url, io)                the size of an object (one ranged GET of its first byte)
+    write_bytes(url, data)              one object: a local file through a rename; S3: one PUT (atomic per object)
+    publish(folder, url)                upload a finished shard folder, `_info.json` last
+
+Here in `data_tools` (the lower layer) so that `info`, `verify` and `shard --out s3://` use the same access as the
+training stream (`pretrain.data`), which imports it.
 
 Remote objects are read with ranged requests of at most `io.chunk_bytes` (urllib3 for HTTP, boto3 for S3; both
 do no retries of their own here). A connection reset in the middle of a body, a 5xx / 429 / throttling answer or a
@@ -269,3 +275,44 @@ def read_bytes(url: str, policy: IOPolicy | None = None) -> bytes:
         return Path(url).read_bytes()
     with RangeReader(url, 0, None, policy) as r:
         return r.read()
+
+
+def object_size(url: str, policy: IOPolicy | None = None) -> int:
+    """Bytes in a local file or remote object; raises StorageError / FileNotFoundError when it cannot be read."""
+    if not is_remote(url):
+        return Path(url).stat().st_size
+    r = RangeReader(url, 0, 1, policy)
+    try:
+        r.read(1)
+    finally:
+        r.close()
+    if r._size is None:
+        raise StorageError(f"{url}: the server gave no object size (Content-Range)")
+    return r._size
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write one object: a local file through a temporary name and a rename, an S3 object with one PUT."""
+    u = urlparse(url)
+    if u.scheme == "s3":
+        _client("s3", IOPolicy().timeout_s).put_object(Bucket=u.netloc, Key=u.path.lstrip("/"), Body=data)
+    elif is_remote(url):
+        raise StorageError(f"cannot write to {url}: output goes to a local folder or s3://")
+    else:
+        from data_tools.fsutil import atomic_write
+
+        atomic_write(url, data)
+
+
+def publish(folder: str | os.PathLike, url: str) -> None:
+    """Upload a finished shard folder to `url`: every shard and index it lists, then `_info.json` last, so a reader
+    of the URL never finds a description whose shards are not all there."""
+    from data_tools import format as fmt
+
+    info = fmt.read_info(folder)
+    for s in info.get("splits", {}).values():
+        for name in s["filenames"]:
+            for f in (name, fmt.index_name(name)):
+                if (Path(folder) / f).is_file():
+                    write_bytes(join(url, f), (Path(folder) / f).read_bytes())
+    write_bytes(join(url, fmt.INFO), (Path(folder) / fmt.INFO).read_bytes())

@@ -83,12 +83,12 @@ class _Transient(Exception):
 # ------------------------------------------------------------------------------------------- backends
 
 
-_CLIENTS: dict[tuple[int, str], object] = {}
+_CLIENTS: dict[tuple[int, str, float], object] = {}
 
 
 def _client(kind: str, timeout_s: float):
-    """One urllib3 pool / boto3 client per process (made after a fork, never shared with the parent)."""
-    key = (os.getpid(), kind)
+    """One urllib3 pool / boto3 client per process and timeout (made after a fork, never shared with the parent)."""
+    key = (os.getpid(), kind, timeout_s)
     if key not in _CLIENTS:
         if kind == "http":
             import urllib3
@@ -240,16 +240,20 @@ class RangeReader(io.RawIOBase):
                 self.pos += len(data)
                 IO_STATS.bytes_read += len(data)
                 return data
-            self._drop()
+            self._drop(reuse=True)
             if self.pos < self._stop:  # the body ended before the chunk's end: the object's end, or a cut body
                 if self._size is not None and self.pos < self._size:
                     raise _Transient(f"body ended at byte {self.pos} of {self._size}")
                 self._size = self.pos
 
-    def _drop(self) -> None:
+    def _drop(self, reuse: bool = False) -> None:
+        """Let go of the current response: a fully read one returns its connection to the pool (`reuse`)."""
         if self._body is not None:
             try:
-                self._body.close()
+                if reuse and hasattr(self._body, "release_conn"):  # urllib3: keep-alive for the next range
+                    self._body.release_conn()
+                else:
+                    self._body.close()
             except Exception:  # noqa: BLE001 - closing a broken connection may raise anything; it is discarded
                 pass
         self._body = None

@@ -183,3 +183,18 @@ def test_two_rank_training_over_local_http_with_faults_and_s3_is_identical(digit
         assert losses(outs[name]) == losses(outs["local"]), name  # every step, exactly
         ours = fp32_weights(outs[name], "step_00000003")
         assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), name
+
+
+def test_remote_shards_without_an_index_are_read_from_their_start(digits_shards, one_epoch, tmp_path, caplog):
+    bare = tmp_path / "bare"
+    shutil.copytree(digits_shards, bare, ignore=shutil.ignore_patterns("*" + fmt.INDEX_SUFFIX))
+    epoch, states = one_epoch
+    k = int(len(epoch) * 0.5)
+    with ShardServer(bare) as srv:
+        loader = build_train_loader(remote_cfg(srv.url + "/"), img_size=16, batch_size=BS, num_workers=0)
+        loader.load_state_dict(states[k])
+        it = iter(loader)
+        got = [next(it), next(it)]
+        it.close()
+    assert same_batches(got, epoch[k : k + 2])  # the same batches, at the price of the bytes before the samples
+    assert "no sample index for" in caplog.text

@@ -5,7 +5,8 @@ buffer seeded by (seed, epoch, slot), then decodes and augments each sample with
 (seed, epoch, position): the output never depends on timing. The pipeline is a list of stages (`stages.py`):
 
     read the slot's positions (bad samples and shards counted) -> shuffle -> [borrow the positions after the
-    range if bad samples left it short] -> mark drawn positions finished -> decode + augment -> batch
+    range if bad samples left it short] -> mark drawn positions finished -> [replay, on a resume without a saved
+    buffer] -> decode + augment -> batch
 
 Each batch carries, per worker, a watermark (every position of the worker's range below it has left the shuffle
 buffer), the number of raw samples drawn so far, the bad-data counters, and the shuffle buffer's state (the
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,8 +40,6 @@ from pretrain.data.stages import (
     shard_samples,
     shuffled,
 )
-
-log = logging.getLogger("pretrain.data")
 
 
 @dataclass

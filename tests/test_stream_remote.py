@@ -3,6 +3,7 @@ sample, a missing shard counted and named, and resume reading O(shuffle buffer) 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -14,10 +15,10 @@ import torch
 from data_tools import format as fmt
 from data_tools.__main__ import main as data_tools_main
 from data_tools.info import describe
-from data_tools.storage import read_bytes
+from data_tools.storage import IOPolicy, read_bytes
 from data_tools.verify import verify
 from pretrain.data import build_train_loader, resolve_shards
-from pretrain.data.decode import read_shard
+from pretrain.data.decode import BadShard, read_shard
 from tests.helpers.servers import FaultProxy, MotoServer, ShardServer
 from tests.test_stream import BS, cfg_for, run
 from tests.test_train import fp32_weights, launch, losses
@@ -113,6 +114,12 @@ def test_data_tools_shard_to_s3_then_info_and_verify_over_s3_and_http(digits_dir
     assert data_tools_main(["shard", str(digits_dir), "http://127.0.0.1:1/x/", "--no-progress"]) == 2  # no output
 
 
+def test_retries_exhausted_make_a_bad_shard_with_the_cause(digits_shards):
+    with ShardServer(digits_shards) as srv, FaultProxy(srv.url, {1: "503", 2: "503", 3: "503"}) as proxy:
+        with pytest.raises(BadShard, match=r"train-000000.tar: unreadable \(HTTP 503; gave up after 2 retries"):
+            list(read_shard(proxy.url + "/train-000000.tar", policy=IOPolicy(retries=2, backoff_s=0.01)))
+
+
 def touched(log: list[tuple[str, int, int]], root: Path) -> int:
     """Samples whose bytes a list of served (path, start, stop) ranges overlaps (with repeats), over all shards."""
     n = 0
@@ -178,6 +185,10 @@ def test_two_rank_training_over_local_http_with_faults_and_s3_is_identical(digit
     for name, rc in rcs.items():
         assert rc == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     assert injected == len(schedule) and "retrying" in (tmp_path / "http.log").read_text()
+    rows = [json.loads(x) for x in (outs["http"] / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert all("io_retries" in r for r in train) and max(r["storage_mb_per_s"] for r in train) > 0
+    assert "io retries" in (tmp_path / "http.log").read_text()  # the live line
     ref = fp32_weights(outs["local"], "step_00000003")
     for name in ("http", "s3"):
         assert losses(outs[name]) == losses(outs["local"]), name  # every step, exactly

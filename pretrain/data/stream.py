@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_tools.storage import IO_STATS, IOPolicy, is_remote
+from data_tools.storage import IO_STATS, IOPolicy
 from pretrain.data.positions import batches_per_rank, epoch_offsets, mix, slot_range, virtual_runs, worker_quotas
 from pretrain.data.stages import (
     Counters,
@@ -243,7 +243,7 @@ class TrainStream(IterableDataset):
                     k += 1
                 i0, i1 = g0 - offsets[k], min(g1, offsets[k + 1]) - offsets[k]
                 seen, url = i0, s.urls[order[k]]
-                idx = self.indexes.get(url) if is_remote(url) and i0 > 0 else None
+                idx = self.indexes.get(url)  # remote: read exactly the range's bytes
                 for i, raw in shard_samples(url, i0, i1, c, s.max_bad_shards, idx, s.io):
                     seen = i + 1
                     v, pos = vbase + (offsets[k] + i - g0), offsets[k] + i

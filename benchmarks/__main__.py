@@ -77,6 +77,20 @@ def _loader_rows(r: dict) -> list[dict]:
                 ">= 0.6",
             )
         )
+    rows.append(
+        _row(
+            "loader",
+            "loopback HTTP vs local disk (per_worker)",
+            r["http_img_per_worker"],
+            r["local_img_per_worker"],
+            "images/s/worker",
+            ">= 0.9",
+        )
+    )
+    res = r["resume_90"]
+    for what, unit in (("mb", "MB"), ("s", "s")):
+        metric = f"resume at 90% over HTTP: {unit} until the first batch, buffer refill vs replay"
+        rows.append(_row("loader", metric, res[f"buffer_{what}"], res[f"replay_{what}"], unit, "lower"))
     return rows
 
 

@@ -10,6 +10,11 @@ RandomResizedCrop to 224 + horizontal flip.
   ceiling:  read the same files and decode them with torchvision.io.decode_jpeg, nothing else
 Each side runs 3 times, alternating, and keeps its best figure; the first batch (worker start-up) is not timed.
 
+Remote shards, same run: the stream over loopback HTTP (a Range-capable server on 127.0.0.1) against the same shards
+from local disk (images/s per worker), and a resume at 90 % of an epoch over HTTP (digits shards, 0 workers, buffer
+256): bytes served and seconds until the first batch, refilling the saved shuffle buffer by random access against
+replaying the epoch up to the checkpoint (the resume before O(buffer) resume).
+
     python -m benchmarks.bench_loader [--full]
 """
 
@@ -28,10 +33,11 @@ from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from data_tools.digits import write_photos
+from data_tools.digits import write_digits, write_photos
 from data_tools.shard import shard
 from pretrain.config import DataConfig
 from pretrain.data import build_train_loader
+from tests.helpers.servers import ShardServer
 
 IMG, BATCH = 224, 32
 
@@ -68,7 +74,7 @@ def _baseline(folder: Path, n_batches: int, workers: int) -> float:
     return _timed(_forever(dl), n_batches, workers)
 
 
-def _ours(shards: Path, n_batches: int, workers: int) -> tuple[float, float]:
+def _ours(shards: Path | str, n_batches: int, workers: int) -> tuple[float, float]:
     cfg = DataConfig(train_shards=str(shards), num_workers=workers, shuffle_buffer=256)
     loader = build_train_loader(cfg, img_size=IMG, batch_size=BATCH, seed=0, pin_memory=False)
     rate = _timed(loader, n_batches, workers)
@@ -130,8 +136,44 @@ def run(quick: bool = True) -> dict:
             out.update({f"{k}_img_{label}": round(v, 1) for k, v in best.items()})
             out[f"ratio_vs_imagefolder_{label}"] = round(best["stream"] / best["imagefolder"], 2)
             out[f"ratio_vs_decode_only_{label}"] = round(best["stream"] / best["decode_only"], 2)
+        with ShardServer(tmp / "shards") as srv:
+            best = {"local": 0.0, "http": 0.0}
+            for _ in range(repeats):
+                best["local"] = max(best["local"], _ours(tmp / "shards", n_batches, 1)[0])
+                best["http"] = max(best["http"], _ours(srv.url + "/", n_batches, 1)[0])
+        out.update({f"{k}_img_per_worker": round(v, 1) for k, v in best.items()})
+        out["ratio_http_vs_local"] = round(best["http"] / best["local"], 2)
+        out["resume_90"] = _resume(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _resume(tmp: Path) -> dict:
+    """Bytes and seconds until the first batch of a resume at 90 % of an epoch over HTTP: buffer refill vs replay."""
+    shard(write_digits(tmp / "digits"), tmp / "digits-shards", workers=2, samples_per_shard=200, progress=False)
+    cfg = DataConfig(train_shards=str(tmp / "digits-shards"), num_workers=0, shuffle_buffer=256)
+    loader = build_train_loader(cfg, img_size=32, batch_size=BATCH)
+    k = int(loader.batches_per_epoch * 0.9)
+    it = iter(loader)
+    for _ in range(k):
+        next(it)
+    state = loader.state_dict()
+    it.close()
+    states = {"buffer": state, "replay": {**state, "workers": [{**w, "buffer": None} for w in state["workers"]]}}
+    out = {"position_batches": k, "epoch_batches": loader.batches_per_epoch, "shuffle_buffer": 256}
+    with ShardServer(tmp / "digits-shards") as srv:
+        remote = DataConfig(train_shards=srv.url + "/", num_workers=0, shuffle_buffer=256, io_chunk_bytes=1 << 16)
+        for name, st in states.items():
+            srv.reset_counts()
+            t0 = time.perf_counter()
+            resumed = build_train_loader(remote, img_size=32, batch_size=BATCH)
+            resumed.load_state_dict(st)
+            it = iter(resumed)
+            next(it)
+            out[f"{name}_s"] = round(time.perf_counter() - t0, 3)
+            out[f"{name}_mb"] = round(srv.served / 1e6, 3)
+            it.close()
     return out
 
 
@@ -144,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     for label, what in (("per_worker", "images/s per worker (wall clock)"), ("per_cpu_s", "images per CPU-second")):
         print(f"stream / ImageFolder, {what}: {r[f'ratio_vs_imagefolder_{label}']:.2f}x (target >= 1.8x)")
         print(f"stream / decode-only, {what}: {r[f'ratio_vs_decode_only_{label}']:.2f}x (target >= 0.6x)")
+    print(f"loopback HTTP / local disk, images/s per worker: {r['ratio_http_vs_local']:.2f}x (target >= 0.9x)")
+    res = r["resume_90"]
+    for what, unit in (("mb", "MB served"), ("s", "s")):
+        print(
+            f"resume at 90%, {unit} until the first batch: buffer {res[f'buffer_{what}']} vs replay "
+            f"{res[f'replay_{what}']} ({res[f'buffer_{what}'] / res[f'replay_{what}']:.3f}x)"
+        )
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data_tools import storage
 from data_tools.errors import DataToolsError
 from data_tools.shard import DEFAULT_MAX_SHARD_BYTES, DEFAULT_SAMPLES_PER_SHARD
 
@@ -28,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("shard", help="write SRC as WebDataset shards plus _info.json into OUT (resumable)")
     s.add_argument("src", help="image folder (one sub-folder per class), CSV/TSV list of path,label, or per-class tars")
-    s.add_argument("out", help="output folder: new, empty, or an interrupted run of the same command")
+    s.add_argument(
+        "out", help="output folder (new, empty, or an interrupted run of the same command), or s3://bucket/prefix/"
+    )
+    s.add_argument("--staging", default=None, metavar="DIR", help="with an s3:// OUT: local folder written first")
     s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     s.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD, help="most samples per shard")
     s.add_argument(
@@ -75,9 +79,12 @@ def _shard(args: argparse.Namespace) -> int:
     from data_tools.shard import shard
     from data_tools.summary import format_summary
 
+    remote = storage.is_remote(args.out)
+    if remote and not (args.out.startswith("s3://") and args.staging):
+        raise DataToolsError(f"{args.out}: output to a URL needs s3://bucket/prefix/ and --staging DIR (local folder)")
     summary = shard(
         args.src,
-        args.out,
+        args.staging if remote else args.out,
         workers=args.workers,
         samples_per_shard=args.samples_per_shard,
         max_shard_bytes=args.max_shard_bytes,
@@ -91,6 +98,8 @@ def _shard(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         name=args.name,
     )
+    if remote:
+        storage.publish(args.staging, args.out)
     print(format_summary(summary))
     return 0
 

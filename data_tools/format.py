@@ -6,6 +6,7 @@ OUT/
   _info.json          {"name", "splits": {"train": {"name", "num_samples", "filenames", "shard_lengths"}, "val": ...},
                        "num_classes", "class_names", ...writer's own keys: "fingerprint", "options", "stats", "skipped"}
   train-000000.tar    samples: consecutive members sharing a key: KEY.<image ext>, KEY.cls, KEY.json
+  train-000000.tar.idx  the shard's sample index: byte offset of each sample's first header (random access, resume)
   val-000000.tar
 
 Shards made elsewhere in this layout work too; this module imports nothing beyond the standard library and
@@ -16,9 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from data_tools import storage
 from data_tools.errors import DataToolsError
 from data_tools.fsutil import atomic_write
 
@@ -138,6 +142,55 @@ def brace_pattern(split: str, count: int) -> str:
     return f"{split}-{{{0:06d}..{count - 1:06d}}}.tar"
 
 
+INDEX_SUFFIX = ".idx"
+"""A shard's sample index is the file `<shard name>.idx` next to it."""
+INDEX_MAGIC = b"WDSIDX1\n"
+"""First bytes of an index; then n + 1 little-endian uint64: where sample i starts, and where the last one ends."""
+
+
+def index_name(shard: str) -> str:
+    """Name (or URL) of the sample index of `shard`, e.g. `train-000003.tar.idx`."""
+    return shard + INDEX_SUFFIX
+
+
+def index_bytes(offsets: Sequence[int]) -> bytes:
+    """An index file: the magic, then `offsets` (n samples' starts and the end of the last) as uint64."""
+    return INDEX_MAGIC + struct.pack(f"<{len(offsets)}Q", *offsets)
+
+
+def parse_index(raw: bytes) -> list[int]:
+    """The offsets of an index file.
+
+    Raises:
+        FormatError: not an index (wrong magic or length, offsets out of order).
+    """
+    body = raw[len(INDEX_MAGIC) :]
+    if not raw.startswith(INDEX_MAGIC) or len(body) % 8 or not body:
+        raise FormatError("not a shard index (bad magic or length); re-run `data_tools shard`")
+    offsets = list(struct.unpack(f"<{len(body) // 8}Q", body))
+    if any(b < a for a, b in zip(offsets, offsets[1:], strict=False)):
+        raise FormatError("shard index offsets are not increasing; re-run `data_tools shard`")
+    return offsets
+
+
+def scan_index(fileobj) -> list[int]:
+    """The index of a tar read as a stream: where each sample (a run of members sharing a key) starts.
+
+    Samples are grouped as a reader groups them: regular members only, ignored (`__`) members skipped.
+    """
+    offsets, last, end = [], None, 0
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for member in tar:
+            if member.isreg() and not is_ignored(member.name):
+                key = split_name(member.name)[0]
+                if key != last:
+                    offsets.append(member.offset)
+                    last = key
+                end = member.offset_data + -(-member.size // 512) * 512
+            tar.members = []  # tarfile keeps every header otherwise
+    return offsets + [end]
+
+
 # ----------------------------------------------------------------------------------------------- _info.json
 
 
@@ -172,20 +225,40 @@ def info_classes(info: dict) -> tuple[list[str], int | None]:
 
 
 def read_info(folder: str | os.PathLike) -> dict:
-    """Read `folder/_info.json`.
+    """Read `folder/_info.json` (a local folder, or an http(s):// / s3:// folder URL).
 
     Raises:
-        FormatError: the file is missing, is not JSON, or is not a JSON object with a `splits` object.
+        FormatError: the file is missing or unreadable, is not JSON, or is not a JSON object with a `splits` object.
     """
+    if storage.is_remote(str(folder)):
+        url = storage.join(str(folder), INFO)
+        try:
+            return parse_info(storage.read_bytes(url), url)
+        except storage.StorageError as e:
+            raise FormatError(
+                f"'{url}' cannot be read ({e}); pass the URL of a folder written by `data_tools shard`"
+            ) from None
     path = Path(folder) / INFO
     if not path.is_file():
         raise FormatError(f"'{path}' not found; pass a folder written by `data_tools shard`")
     try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise FormatError(f"'{path}' is not valid JSON ({e}); re-run `data_tools shard` to rewrite it") from e
+        return parse_info(path.read_bytes(), str(path))
+    except OSError as e:
+        raise FormatError(f"'{path}' cannot be read ({e})") from e
+
+
+def parse_info(raw: bytes, where: str) -> dict:
+    """An `_info.json` from its bytes (`where` names it in errors: a path or URL).
+
+    Raises:
+        FormatError: not JSON, or not a JSON object with a `splits` object.
+    """
+    try:
+        info = json.loads(raw)
+    except ValueError as e:
+        raise FormatError(f"'{where}' is not valid JSON ({e}); re-run `data_tools shard` to rewrite it") from e
     if not isinstance(info, dict) or not isinstance(info.get("splits", {}), dict):
-        raise FormatError(f"'{path}' is not a dataset description (no splits object); re-run `data_tools shard`")
+        raise FormatError(f"'{where}' is not a dataset description (no splits object); re-run `data_tools shard`")
     return info
 
 

@@ -6,29 +6,33 @@ import os
 from pathlib import Path
 
 from data_tools import format as fmt
+from data_tools import storage
 from data_tools.images import bucket_labels
 
 
 def describe(out: str | os.PathLike) -> dict:
-    """Everything `info` prints, as a dict (bytes measured on disk; statistics from `_info.json` when present).
+    """Everything `info` prints, as a dict (bytes measured on disk or storage; statistics from `_info.json`).
+
+    OUT is a local folder or the URL of one (http(s)://, s3://).
 
     Raises:
         DataToolsError: OUT has no readable `_info.json`.
     """
-    out = Path(out)
+    out = str(out) if storage.is_remote(str(out)) else Path(out)
     info = fmt.read_info(out)
     stats = info.get("stats", {})
     splits = {}
     for split, s in info.get("splits", {}).items():
         files = s["filenames"]
+        sizes = {f: _size(out, f) for f in files}
         lengths = s.get("shard_lengths") or []
         st = stats.get(split, {})
         counts = [c for c in st.get("class_counts", []) if c]
         splits[split] = {
             "samples": s.get("num_samples"),
             "shards": len(files),
-            "bytes": sum((out / f).stat().st_size for f in files if (out / f).is_file()),
-            "missing_files": [f for f in files if not (out / f).is_file()],
+            "bytes": sum(n for n in sizes.values() if n is not None),
+            "missing_files": [f for f in files if sizes[f] is None],
             "pattern": _pattern(split, files),
             "shard_samples": (min(lengths), max(lengths)) if lengths else None,
             "classes_present": len(counts) if st else None,
@@ -45,6 +49,14 @@ def describe(out: str | os.PathLike) -> dict:
         "skipped": info.get("skipped"),
         "splits": splits,
     }
+
+
+def _size(out: Path | str, name: str) -> int | None:
+    """Bytes of the shard `name` in OUT, or None when it is missing or unreadable."""
+    try:
+        return storage.object_size(storage.join(str(out), name))
+    except OSError:  # StorageError is one
+        return None
 
 
 def _pattern(split: str, files: list[str]) -> str:

@@ -346,6 +346,8 @@ def _write_shard(task: ShardTask) -> dict:
                 counts[rec.label] = counts.get(rec.label, 0) + 1
                 hist_orig[size_bucket(min(enc.width, enc.height))] += 1
                 hist_stored[size_bucket(enc.stored_shorter)] += 1
+        with open(tmp, "rb") as f:  # the sample index, for random access (resume) over ranged reads
+            atomic_write(ctx.out / fmt.index_name(name), fmt.index_bytes(fmt.scan_index(f)))
     marker = {
         "split": task.split,
         "index": task.index,

@@ -19,12 +19,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_tools import format as fmt
+from data_tools import storage
 from data_tools.parallel import default_workers, run_tasks
 
 
 @dataclass(frozen=True)
 class _Context:
-    out: Path
+    out: Path | str
     num_classes: int
     class_names: tuple[str, ...] | None
 
@@ -46,7 +47,8 @@ def verify(out: str | os.PathLike, *, workers: int | None = None, progress: bool
     Raises:
         DataToolsError: OUT has no readable `_info.json`.
     """
-    out = Path(out)
+    remote = storage.is_remote(str(out))
+    out = str(out).rstrip("/") if remote else Path(out)
     info = fmt.read_info(out)
     names, num_classes = fmt.info_classes(info)
     num_classes = int(num_classes or 0)
@@ -65,12 +67,13 @@ def verify(out: str | os.PathLike, *, workers: int | None = None, progress: bool
             problems.append(f"{fmt.INFO}: split {split} num_samples {s.get('num_samples')} != sum of shard_lengths")
         tasks += [(f, n) for f, n in zip(s["filenames"], lengths, strict=True)]
         listed.update(s["filenames"])
-    for f in sorted(os.listdir(out)):
+    for f in [] if remote else sorted(os.listdir(out)):  # object stores are not listed
         if f.endswith(".tar") and f not in listed:
             problems.append(f"{f}: shard file not listed in {fmt.INFO}")
 
     samples, hashes, owners, done_files = 0, [], [], []
-    with tqdm(total=len(tasks), unit="shard", desc=f"verify {out.name}", disable=not progress) as bar:
+    desc = f"verify {str(out).rsplit('/', 1)[-1]}"
+    with tqdm(total=len(tasks), unit="shard", desc=desc, disable=not progress) as bar:
         for i, result in enumerate(run_tasks(_verify_shard, tasks, workers or default_workers(), _init, (ctx,))):
             samples += result["count"]
             problems += result["problems"]
@@ -108,11 +111,11 @@ def _verify_shard(task: tuple[str, int | None]) -> dict:
     ctx = _CTX
     problems: list[str] = []
     keys: list[str] = []
-    path = ctx.out / filename
-    if not path.is_file():
+    path = storage.join(str(ctx.out), filename)
+    if not storage.is_remote(path) and not Path(path).is_file():
         return {"file": filename, "count": 0, "problems": [f"{filename}: missing"], "key_hashes": np.zeros(0, np.int64)}
     try:
-        with tarfile.open(path, "r|") as tf:
+        with storage.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tf:
             sample: dict[str, bytes] = {}
             key = None
             for member in tf:

@@ -54,7 +54,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_shards: str = ""
-    """Training shards: a folder with `_info.json`, a folder of `.tar` files, or a brace pattern / URL."""
+    """Training shards: a folder with `_info.json` (local, http(s):// or s3://), a folder of `.tar` files, or a brace
+    pattern / URL."""
     val_shards: str = ""
     """Held-out shards (same forms); empty disables evaluation."""
     train_split: str = "train"
@@ -87,6 +88,12 @@ class DataConfig:
     """Normalisation std."""
     max_bad_shards: int = 10
     """Unreadable or truncated shards tolerated per rank before the run stops."""
+    io_timeout_s: float = 30.0
+    """Remote shards: a connect or read stalling longer than this is a transient fault, retried."""
+    io_retries: int = 8
+    """Remote shards: transient faults (reset, 5xx/429, stall) retried per request, with backoff, at the same byte."""
+    io_chunk_bytes: int = 8 << 20
+    """Remote shards: bytes per ranged GET (a resume over-reads at most this much per worker)."""
 
 
 @dataclass
@@ -253,6 +260,8 @@ def validate(cfg: Config) -> None:
         "log.every_steps": cfg.log.every_steps,
         "optim.lr": cfg.optim.lr,
         "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "data.io_timeout_s": cfg.data.io_timeout_s,
+        "data.io_chunk_bytes": cfg.data.io_chunk_bytes,
     }
     for key, v in positive.items():
         if v <= 0:
@@ -267,6 +276,7 @@ def validate(cfg: Config) -> None:
         "checkpoint.keep_every": cfg.checkpoint.keep_every,
         "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
         "train.collective_timeout_s": cfg.train.collective_timeout_s,
+        "data.io_retries": cfg.data.io_retries,
     }
     for key, v in non_negative.items():
         if v < 0:

@@ -23,6 +23,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from data_tools.format import LABEL_EXT, SAMPLE_EXTS, LabelError, image_ext, is_ignored, parse_cls, split_name
+from data_tools.storage import IOPolicy, StorageError, is_remote, open_stream
 
 MAX_PIXELS = 1 << 28
 """Larger images are rejected as corrupt (a decompression bomb guard, as Pillow's)."""
@@ -51,21 +52,35 @@ class RawSample:
     """Wanted members by lower-case extension: an image extension, `cls`, `json`."""
 
 
-def read_shard(url: str, start: int = 0, end: int | None = None) -> Iterator[tuple[int, RawSample]]:
+def read_shard(
+    url: str, start: int = 0, end: int | None = None, offsets: list[int] | None = None, policy: IOPolicy | None = None
+) -> Iterator[tuple[int, RawSample]]:
     """Yield `(index_in_shard, RawSample)` for samples `start <= index < end` of one shard.
 
-    Samples before `start` are passed over without reading their bytes; reading stops after sample `end - 1`.
-    Members whose extension is not wanted (e.g. `.pyd`, `.pth`) are never read.
+    Samples before `start` are passed over without reading their bytes (local files: headers only; remote shards
+    with their index `offsets`: the read starts at sample `start`'s byte and stops before sample `end`'s); reading
+    stops after sample `end - 1`. Members whose extension is not wanted (e.g. `.pyd`, `.pth`) are never read.
 
     Raises:
         BadShard: the shard cannot be opened, is not a tar file, or ends in the middle of a member.
     """
+    base = 0
     try:
-        stream = wds.gopen(url, "rb")
+        if is_remote(url):
+            if offsets is not None and start >= len(offsets) - 1:
+                return  # the index holds fewer samples: the caller counts the shortfall
+            if offsets is not None:
+                base = start
+                hi = None if end is None else offsets[min(end, len(offsets) - 1)]
+                stream = open_stream(url, offsets[start], hi, policy)
+            else:
+                stream = open_stream(url, 0, None, policy)
+        else:
+            stream = wds.gopen(url, "rb")
     except Exception as e:  # noqa: BLE001 - any opener failure (missing file, HTTP error) is a bad shard
         raise BadShard(url, f"cannot open ({type(e).__name__}: {e})") from None
     try:
-        index, key, members = -1, None, {}
+        index, key, members = base - 1, None, {}
         for name, read in _members(stream):
             if is_ignored(name):
                 continue
@@ -80,10 +95,15 @@ def read_shard(url: str, start: int = 0, end: int | None = None) -> Iterator[tup
                 members[ext] = read()
         if key is not None and index >= start and (end is None or index < end):
             yield index, RawSample(key, members)
+    except StorageError as e:
+        raise BadShard(url, f"unreadable ({e})") from None
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         raise BadShard(url, f"truncated or not a tar file ({type(e).__name__}: {e})") from None
     finally:
-        stream.close()
+        try:
+            stream.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection must not kill the worker (it is done)
+            pass
 
 
 def _members(f) -> Iterator[tuple[str, Callable[[], bytes]]]:

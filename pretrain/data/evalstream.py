@@ -75,7 +75,7 @@ class EvalStream(IterableDataset):
                 k += 1
             i0, i1 = g - offsets[k], min(b, offsets[k + 1]) - offsets[k]
             seen = i0
-            for i, raw in shard_samples(s.urls[k], i0, i1, c, s.max_bad_shards):
+            for i, raw in shard_samples(s.urls[k], i0, i1, c, s.max_bad_shards, policy=s.io):
                 seen = i + 1
                 try:
                     labels = label_of(raw)

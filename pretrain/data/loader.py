@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from data_tools.storage import IOPolicy
 from pretrain.config import DataConfig
 from pretrain.data.evalstream import EvalStream, eval_batches_per_worker
 from pretrain.data.positions import batches_per_rank, unfinished
@@ -75,9 +76,11 @@ class TrainLoader:
         self._counters = [_zero_counters() for _ in range(self.slots)]
         self._base = {"bad_samples": 0, "bad_shards": 0}
         self._wait, self._images, self._t0 = 0.0, 0, time.perf_counter()
+        self._io = [{"io_retries": 0, "io_bytes": 0} for _ in range(self.slots)]  # per worker process, cumulative
+        self._io_bytes0 = 0
 
     def _new_epoch_workers(self) -> None:
-        self._workers = [{"watermark": 0, "raw": 0} for _ in range(self.slots)]
+        self._workers = [{"watermark": 0, "raw": 0, "buffer": None} for _ in range(self.slots)]
 
     @property
     def batches_per_epoch(self) -> int | None:
@@ -124,7 +127,8 @@ class TrainLoader:
     def _consume(self, meta: dict) -> None:
         w = meta["worker"]
         self._k += 1
-        self._workers[w] = {"watermark": meta["watermark"], "raw": meta["raw"]}
+        self._workers[w] = {"watermark": meta["watermark"], "raw": meta["raw"], "buffer": meta["buffer"]}
+        self._io[w] = {"io_retries": meta["io_retries"], "io_bytes": meta["io_bytes"]}
         self._counters[w] = {k: meta[k] for k in ("bad_samples", "bad_shards", "last_bad_shard")}
         bad = self._base["bad_shards"] + sum(c["bad_shards"] for c in self._counters)
         if bad > self.spec.max_bad_shards:
@@ -134,12 +138,20 @@ class TrainLoader:
             )
 
     def stats(self, reset: bool = True) -> dict:
-        """images_per_s and data_wait_fraction (time spent waiting in next() / wall time) since the last reset."""
+        """images_per_s, data_wait_fraction (time spent waiting in next() / wall time) and storage_bytes_per_s
+        (remote reads) since the last reset; the bad-data counts and io_retries (remote faults retried) so far."""
         now = time.perf_counter()
         dt = max(now - self._t0, 1e-9)
-        out = {"images_per_s": self._images / dt, "data_wait_fraction": min(1.0, self._wait / dt), **self.bad_counts()}
+        io_bytes = sum(x["io_bytes"] for x in self._io)
+        out = {
+            "images_per_s": self._images / dt,
+            "data_wait_fraction": min(1.0, self._wait / dt),
+            "storage_bytes_per_s": (io_bytes - self._io_bytes0) / dt,
+            "io_retries": sum(x["io_retries"] for x in self._io),
+            **self.bad_counts(),
+        }
         if reset:
-            self._wait, self._images, self._t0 = 0.0, 0, now
+            self._wait, self._images, self._t0, self._io_bytes0 = 0.0, 0, now, io_bytes
         return out
 
     def bad_counts(self) -> dict:
@@ -197,7 +209,9 @@ class TrainLoader:
             mine = states[s.rank]
             k = mine["batches"]
             self._epoch, self._k, self._segment, self._reseed = mine["epoch"], k, mine["segment"], mine["reseed"]
-            self._workers = [{"watermark": w["watermark"], "raw": w["raw"]} for w in mine["workers"]]
+            self._workers = [
+                {"watermark": w["watermark"], "raw": w["raw"], "buffer": w.get("buffer")} for w in mine["workers"]
+            ]
             self._counters = [
                 {x: w[x] for x in ("bad_samples", "bad_shards", "last_bad_shard")} for w in mine["workers"]
             ]
@@ -206,6 +220,7 @@ class TrainLoader:
                 "epoch": self._epoch,
                 "segment": self._segment,
                 "skip_raw": [w["raw"] for w in self._workers],
+                "buffers": [w["buffer"] for w in self._workers],
                 "skip_batches": [k // self.slots + (w < k % self.slots) for w in range(self.slots)],
                 "counters": self._counters,
                 "reseed": self._reseed,
@@ -265,6 +280,11 @@ class EvalLoader:
             yield batch
 
 
+def io_policy(cfg: DataConfig) -> IOPolicy:
+    """Timeouts, retries and request size for remote shards, from the data config."""
+    return IOPolicy(timeout_s=cfg.io_timeout_s, retries=cfg.io_retries, chunk_bytes=cfg.io_chunk_bytes)
+
+
 def build_train_loader(
     cfg: DataConfig,
     *,
@@ -278,6 +298,7 @@ def build_train_loader(
     pin_memory: bool | None = None,
 ) -> TrainLoader:
     """The training loader of one rank from a `DataConfig` (`cfg.train_shards`, mode, augmentation, ...)."""
+    io = io_policy(cfg)
     shards = resolve_shards(cfg.train_shards, cfg.train_split, count=cfg.mode == "epoch")
     transform = TrainTransform(img_size, cfg.crop_scale_min, cfg.hflip, cfg.randaugment_ops, cfg.randaugment_magnitude)
     spec = StreamSpec(
@@ -294,6 +315,7 @@ def build_train_loader(
         max_bad_shards=cfg.max_bad_shards,
         multilabel=multilabel,
         img_size=img_size,
+        io=io,
     )
     workers = cfg.num_workers if num_workers is None else num_workers
     return TrainLoader(shards, spec, workers, pin_memory)
@@ -326,6 +348,7 @@ def build_eval_loader(
         max_bad_shards=cfg.max_bad_shards,
         multilabel=multilabel,
         img_size=img_size,
+        io=io_policy(cfg),
     )
     workers = cfg.num_workers if num_workers is None else num_workers
     return EvalLoader(shards, spec, workers, pin_memory)

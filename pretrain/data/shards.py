@@ -1,9 +1,10 @@
-"""Shard lists: a brace pattern / URL list, a folder of `.tar` files, or a folder with `_info.json`.
+"""Shard lists: a brace pattern / URL list, a folder of `.tar` files, or a folder with `_info.json` (local, or an
+http(s):// / s3:// URL of a folder holding `_info.json`).
 
 Epoch mode needs the number of samples in every shard (so every rank can be given the same number of batches
 before reading anything). `_info.json`, written by `data_tools shard`, holds them; a local folder or pattern without
-it is counted by reading the tar headers (no sample is decoded); remote shards without counts can only be used in
-resampled mode.
+it is counted by reading the tar headers (no sample is decoded); remote shards take their counts from the `_info.json`
+at the folder URL (or next to a remote brace pattern), and without one can only be used in resampled mode.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import braceexpand
 
 from data_tools import format as fmt
+from data_tools.storage import is_remote, join, parent
 
 
 class ShardError(ValueError):
@@ -43,8 +45,10 @@ def resolve_shards(spec: str, split: str = "train", *, count: bool = True) -> Sh
 
     Args:
         spec: a folder holding `_info.json` (the split's `filenames` and `shard_lengths` are used), a folder of
-            `.tar` files (`{split}-*.tar` if any, else every `.tar`), or a brace pattern / URL such as
-            `/data/train-{000000..000127}.tar` or `pipe:curl -s https://host/train-{000..127}.tar`.
+            `.tar` files (`{split}-*.tar` if any, else every `.tar`), the URL of a folder holding `_info.json`
+            (`http://host/i21k/train/`, `s3://bucket/prefix/`), or a brace pattern / URL such as
+            `/data/train-{000000..000127}.tar`, `s3://bucket/train-{000000..000127}.tar` or
+            `pipe:curl -s https://host/train-{000..127}.tar`.
         split: split name in `_info.json` and in shard file names.
         count: count samples of local shards that `_info.json` does not describe (reads tar headers only).
 
@@ -53,6 +57,8 @@ def resolve_shards(spec: str, split: str = "train", *, count: bool = True) -> Sh
     """
     if not spec:
         raise ShardError(f"no shards given for split {split!r}; set data.train_shards / data.val_shards")
+    if is_remote(spec) and not spec.endswith(".tar") and "{" not in spec:  # a remote folder
+        return _from_info(spec, _remote_info(spec, required=True), split)
     path = Path(spec)
     if path.is_dir():
         if (path / fmt.INFO).is_file():
@@ -68,9 +74,13 @@ def resolve_shards(spec: str, split: str = "train", *, count: bool = True) -> Sh
             missing = [u for u in urls if not Path(_strip_file(u)).is_file()]
             if missing:
                 raise ShardError(f"shard {missing[0]} does not exist ({len(missing)} of {len(urls)} missing)")
-            parent = Path(_strip_file(urls[0])).parent
-            if (parent / fmt.INFO).is_file():
-                return _match_info(urls, parent, _read_info(parent), split)
+            folder = Path(_strip_file(urls[0])).parent
+            if (folder / fmt.INFO).is_file():
+                return _match_info(urls, _read_info(folder), split)
+        elif all(is_remote(u) for u in urls):
+            info = _remote_info(parent(urls[0]), required=False)
+            if info is not None:
+                return _match_info(urls, info, split)
     lengths = None
     if count and all(_is_local(u) for u in urls):
         lengths = [count_samples(_strip_file(u)) for u in urls]
@@ -97,7 +107,17 @@ def _read_info(folder: Path) -> dict:
         raise ShardError(str(e)) from None
 
 
-def _split_info(info: dict, split: str, where: Path) -> dict:
+def _remote_info(folder: str, required: bool) -> dict | None:
+    """`_info.json` of a remote folder; None when it cannot be read and it is not `required`."""
+    try:
+        return fmt.read_info(folder)
+    except fmt.FormatError as e:
+        if required:
+            raise ShardError(str(e)) from None
+        return None
+
+
+def _split_info(info: dict, split: str, where: Path | str) -> dict:
     splits = info.get("splits", {})
     if split not in splits:
         have = ", ".join(sorted(splits)) or "none"
@@ -105,21 +125,23 @@ def _split_info(info: dict, split: str, where: Path) -> dict:
     return splits[split]
 
 
-def _from_info(folder: Path, info: dict, split: str) -> ShardList:
+def _from_info(folder: Path | str, info: dict, split: str) -> ShardList:
     s = _split_info(info, split, folder)
-    urls = [str(folder / f) for f in s["filenames"]]
+    urls = [join(str(folder), f) for f in s["filenames"]]
     lengths = [int(n) for n in s["shard_lengths"]]
     if len(urls) != len(lengths):
         raise ShardError(f"{folder}/{fmt.INFO}: split {split!r} lists {len(urls)} files but {len(lengths)} lengths")
     return ShardList(urls, lengths, *fmt.info_classes(info))
 
 
-def _match_info(urls: list[str], folder: Path, info: dict, split: str) -> ShardList:
+def _match_info(urls: list[str], info: dict, split: str) -> ShardList:
     """Counts for an explicit pattern whose folder holds `_info.json` (any split may describe each file)."""
     known: dict[str, int] = {}
     for s in info.get("splits", {}).values():
         known.update(zip(s.get("filenames", []), s.get("shard_lengths", []), strict=False))
-    lengths = [known.get(Path(_strip_file(u)).name) for u in urls]
+    lengths = [known.get(_strip_file(u).rsplit("/", 1)[-1]) for u in urls]
+    if any(n is None for n in lengths) and any(is_remote(u) for u in urls):
+        return ShardList(urls, None, *fmt.info_classes(info))  # remote files it does not list: resampled mode only
     if any(n is None for n in lengths):
         lengths = [count_samples(_strip_file(u)) if n is None else n for u, n in zip(urls, lengths, strict=True)]
     return ShardList(urls, [int(n) for n in lengths], *fmt.info_classes(info))

@@ -4,8 +4,8 @@ webdataset stages), shared by the training stream's two modes and the evaluation
     shard_samples   samples of a range of one shard; a bad or short shard is counted, not raised (the one home
                     of bad-shard handling)
     labelled        a sample without an image or a valid `.cls` is counted and left out
-    shuffled        a shuffle buffer
-    replay          resume: the draws the saved run already made are passed over without decoding
+    shuffled        a shuffle buffer (`Shuffler`: its state can be saved and restored)
+    replay          resume without a saved buffer: the saved run's draws are passed over without decoding
     augmented       decode and transform each sample with its own seed; a corrupt image is counted and left out
     batched         fixed-size uint8 batches
 
@@ -23,6 +23,8 @@ from typing import NamedTuple, TypeVar
 
 import torch
 
+from data_tools import format as fmt
+from data_tools.storage import IOPolicy, StorageError, is_remote, read_bytes
 from pretrain.data.decode import BadSample, BadShard, RawSample, image_bytes, label_of, read_shard
 
 log = logging.getLogger("pretrain.data")
@@ -70,16 +72,23 @@ class Sample(NamedTuple):
 
 
 def shard_samples(
-    url: str, start: int, end: int | None, counters: Counters, limit: int
+    url: str,
+    start: int,
+    end: int | None,
+    counters: Counters,
+    limit: int,
+    offsets: list[int] | None = None,
+    policy: IOPolicy | None = None,
 ) -> Iterator[tuple[int, RawSample]]:
     """`(index, sample)` for samples `start <= index < end` of one shard (`end` None: to the shard's end).
 
     A shard that cannot be opened or read, or that ends before `end` (its `_info.json` count), is counted as bad
-    instead of raised: the caller sees fewer samples.
+    instead of raised: the caller sees fewer samples. `offsets` (the shard's index) lets a remote read start at
+    sample `start`'s byte.
     """
     seen = start
     try:
-        for i, raw in read_shard(url, start, end):
+        for i, raw in read_shard(url, start, end, offsets, policy):
             seen = i + 1
             yield i, raw
     except BadShard as e:
@@ -87,6 +96,25 @@ def shard_samples(
     else:
         if end is not None and seen < end:
             counters.shard(BadShard(url, f"ended after {seen} samples; _info.json counts more"), limit)
+
+
+class Indexes:
+    """Sample indexes (`<shard>.idx`, byte offsets of each sample) of remote shards, fetched once per worker."""
+
+    def __init__(self, policy: IOPolicy):
+        self.policy, self.cache = policy, {}
+
+    def get(self, url: str) -> list[int] | None:
+        """The offsets of a remote shard's samples; None for local shards and shards without a readable index."""
+        if not is_remote(url):
+            return None
+        if url not in self.cache:
+            try:
+                self.cache[url] = fmt.parse_index(read_bytes(fmt.index_name(url), self.policy))
+            except (StorageError, fmt.FormatError) as e:
+                log.warning("no sample index for %s (%s): it is read from its start", url, e)
+                self.cache[url] = None
+        return self.cache[url]
 
 
 def labelled(raw: RawSample, counters: Counters) -> list[int] | None:
@@ -100,18 +128,36 @@ def labelled(raw: RawSample, counters: Counters) -> list[int] | None:
     return labels
 
 
+class Shuffler:
+    """Reservoir-style shuffle buffer: emits a random held item for each new one, then the rest in random order.
+
+    Its state between two draws (the held items, the RNG, whether the input has ended) is what a resume restores:
+    `buf` is the held items (in the flush phase, the ones left, last first).
+    """
+
+    def __init__(self, size: int, rng: random.Random):
+        self.size, self.rng, self.buf, self.flushing = size, rng, [], False
+
+    def __call__(self, items: Iterator[T]) -> Iterator[T]:
+        buf, size, rng = self.buf, self.size, self.rng
+        if not self.flushing:
+            for item in items:
+                if len(buf) < size:
+                    buf.append(item)
+                    continue
+                j = rng.randrange(size)
+                out, buf[j] = buf[j], item  # swapped before the yield: the state between draws is consistent
+                yield out
+            rng.shuffle(buf)
+            buf.reverse()  # popped from the end: the shuffled order
+            self.flushing = True
+        while buf:
+            yield buf.pop()
+
+
 def shuffled(items: Iterator[T], size: int, rng: random.Random) -> Iterator[T]:
-    """Reservoir-style shuffle buffer: emits a random held item for each new one, then the rest in random order."""
-    buf: list = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = rng.randrange(size)
-        yield buf[j]
-        buf[j] = item
-    rng.shuffle(buf)
-    yield from buf
+    """`items` through a fresh `Shuffler`."""
+    return Shuffler(size, rng)(items)
 
 
 def replay(items: Iterator[T], skip: int, counters: Counters) -> Iterator[tuple[int, T]]:

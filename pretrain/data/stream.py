@@ -5,12 +5,14 @@ buffer seeded by (seed, epoch, slot), then decodes and augments each sample with
 (seed, epoch, position): the output never depends on timing. The pipeline is a list of stages (`stages.py`):
 
     read the slot's positions (bad samples and shards counted) -> shuffle -> [borrow the positions after the
-    range if bad samples left it short] -> mark drawn positions finished -> replay on resume -> decode + augment
-    -> batch
+    range if bad samples left it short] -> mark drawn positions finished -> [replay, on a resume without a saved
+    buffer] -> decode + augment -> batch
 
 Each batch carries, per worker, a watermark (every position of the worker's range below it has left the shuffle
-buffer), the number of raw samples drawn so far, and the bad-data counters; `loader.TrainLoader` turns these into
-its state_dict.
+buffer), the number of raw samples drawn so far, the bad-data counters, and the shuffle buffer's state (the
+positions it holds, its RNG, the read cursor); `loader.TrainLoader` turns these into its state_dict. A resume
+fetches the held positions by random access (`<shard>.idx` offsets for remote shards) and reads on from the
+cursor: O(buffer) bytes, not O(position). A state without the buffer (resampled mode) is replayed instead.
 """
 
 from __future__ import annotations
@@ -19,13 +21,25 @@ import bisect
 import itertools
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data_tools.storage import IO_STATS, IOPolicy
 from pretrain.data.positions import batches_per_rank, epoch_offsets, mix, slot_range, virtual_runs, worker_quotas
-from pretrain.data.stages import Counters, Sample, augmented, batched, labelled, replay, shard_samples, shuffled
+from pretrain.data.stages import (
+    Counters,
+    Indexes,
+    Sample,
+    Shuffler,
+    augmented,
+    batched,
+    labelled,
+    replay,
+    shard_samples,
+    shuffled,
+)
 
 
 @dataclass
@@ -45,6 +59,7 @@ class StreamSpec:
     max_bad_shards: int = 10
     multilabel: bool = False
     img_size: int = 224
+    io: IOPolicy = field(default_factory=IOPolicy)
 
 
 class Finished:
@@ -67,10 +82,29 @@ class Finished:
             self.set(sample.v)
             yield sample
 
+    def restore(self, cursor: int, held: list[int]) -> None:
+        """A resumed slot: everything read before `cursor` is finished, except the positions still `held`."""
+        self.set_range(self.v0, cursor)
+        for v in held:
+            if 0 <= v - self.v0 < len(self.done):
+                self.done[v - self.v0] = False
+
     def watermark(self) -> int:
         while self.mark < len(self.done) and self.done[self.mark]:
             self.mark += 1
         return self.mark
+
+
+class Cursor:
+    """The next virtual position a slot reads (one past the last sample handed to the shuffle buffer)."""
+
+    def __init__(self, v: int):
+        self.next = v
+
+    def track(self, samples: Iterator[Sample]) -> Iterator[Sample]:
+        for sample in samples:
+            self.next = sample.v + 1
+            yield sample
 
 
 class TrainStream(IterableDataset):
@@ -80,7 +114,7 @@ class TrainStream(IterableDataset):
         spec: shards, batch size, rank layout, transform.
         num_workers: DataLoader workers of this rank (0 -> one slot, run in the main process).
         resume: from `loader.TrainLoader.load_state_dict`: {"epoch", "segment", "skip_raw": [per worker],
-            "counters": [per worker], "reseed"}; None starts at epoch 0.
+            "counters": [per worker], "buffers": [per worker, or None: replay], "reseed"}; None starts at epoch 0.
     """
 
     def __init__(self, spec: StreamSpec, num_workers: int, resume: dict | None = None):
@@ -88,6 +122,7 @@ class TrainStream(IterableDataset):
         self.resume = resume or {}
         self.epoch = int(self.resume.get("epoch", 0))
         self.counters = Counters()
+        self.indexes = Indexes(spec.io)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -104,15 +139,19 @@ class TrainStream(IterableDataset):
         if self.spec.mode == "resampled":
             yield from self._resampled(w)
             return
+        buffer = None
         if resuming:
             segment, skip, made = self.resume["segment"], self.resume["skip_raw"][w], self.resume["skip_batches"][w]
+            buffer = (self.resume.get("buffers") or [None] * self.slots)[w] if skip else None
         else:
             segment, skip, made = [[0, sum(self.spec.lengths)]], 0, 0
-        yield from self._epoch(epoch, segment, w, skip, made)
+        yield from self._epoch(epoch, segment, w, skip, made, buffer)
 
     # ------------------------------------------------------------------------------------------- epoch mode
 
-    def _epoch(self, epoch: int, segment: list[list[int]], w: int, skip: int, made: int) -> Iterator[dict]:
+    def _epoch(
+        self, epoch: int, segment: list[list[int]], w: int, skip: int, made: int, buffer: dict | None
+    ) -> Iterator[dict]:
         s, c = self.spec, self.counters
         r = sum(b - a for a, b in segment)
         n = batches_per_rank(r, s.world_size, s.batch_size, s.remainder)
@@ -126,23 +165,63 @@ class TrainStream(IterableDataset):
         if made >= quotas[w]:
             return
         order, offsets = epoch_offsets(s.lengths, s.seed, epoch)
-        finished = Finished(v0, v1)
-        buffer_rng = random.Random(mix(s.seed, epoch, s.rank * self.slots + w))
+        finished, cursor = Finished(v0, v1), Cursor(v0)
+        shuffler = Shuffler(s.shuffle_buffer, random.Random(mix(s.seed, epoch, s.rank * self.slots + w)))
+        if buffer is not None:  # resume: refill the shuffle buffer by random access, read on from the cursor
+            shuffler.buf[:] = self._fetch(epoch, segment, buffer["held"], order, offsets)
+            shuffler.rng.setstate((buffer["rng"][0], tuple(buffer["rng"][1]), buffer["rng"][2]))
+            shuffler.flushing, cursor.next = buffer["flushing"], buffer["cursor"]
+            finished.restore(v1 if shuffler.flushing else cursor.next, buffer["held"])  # flushing: all read
         # The pipeline. If bad samples leave the slot short, it borrows the positions after its range (unshuffled;
         # duplicates are rare).
-        own = self._positions(epoch, segment, v0, v1, order, offsets, finished)  # the slot's range
-        borrowed = self._positions(epoch, segment, v1, v1 + r, order, offsets, finished)  # read only if needed
-        samples = itertools.chain(shuffled(own, s.shuffle_buffer, buffer_rng), borrowed)
+        own = self._positions(epoch, segment, cursor.next, v1, order, offsets, finished)  # the slot's range
+        borrowed = self._positions(epoch, segment, max(v1, cursor.next), v1 + r, order, offsets, finished)
+        samples = itertools.chain(shuffler(cursor.track(own)), cursor.track(borrowed))
         samples = finished.track(samples)  # every drawn position is finished work
-        drawn = replay(samples, skip, c)  # resume: pass over the saved run's draws undecoded
+        if buffer is None:
+            drawn = replay(samples, skip, c)  # resume without a saved buffer: pass over the saved draws undecoded
+        else:
+            drawn = ((skip + i, x) for i, x in enumerate(samples, 1))
         images = augmented(drawn, s.transform, c)  # decode + augment, seeded per sample
         for draws, batch in batched(images, s.batch_size, s.img_size, s.multilabel):
             made += 1
-            meta = {"worker": w, "epoch": epoch, "watermark": finished.watermark(), "raw": draws, **c.as_dict()}
-            yield {**batch, "_meta": meta}
+            state = {
+                "held": [x.v for x in shuffler.buf],
+                "rng": list(shuffler.rng.getstate()),
+                "flushing": shuffler.flushing,
+                "cursor": cursor.next,
+            }
+            meta = {"worker": w, "epoch": epoch, "watermark": finished.watermark(), "raw": draws, "buffer": state}
+            yield {**batch, "_meta": {**meta, **c.as_dict(), **_io()}}
             if made >= quotas[w]:
                 return
         raise RuntimeError(f"worker {w} of rank {s.rank} found no readable samples to fill its batches")
+
+    def _fetch(
+        self, epoch: int, segment: list[list[int]], held: list[int], order: list[int], offsets: list[int]
+    ) -> list[Sample]:
+        """The samples at virtual positions `held` (a saved shuffle buffer, in its order), read by random access.
+
+        Remote shards with an index are read in runs of consecutive samples (only the held samples' bytes);
+        local shards and remote ones without an index are read from the first held sample to the last.
+        """
+        s, c = self.spec, self.counters
+        r = max(sum(b - a for a, b in segment), 1)
+        wanted: dict[int, dict[int, int]] = {}  # shard (epoch order) -> {index in shard: virtual position}
+        for v in held:
+            g = next(virtual_runs(segment, v, v + 1))[0]
+            k = bisect.bisect_right(offsets, g) - 1
+            wanted.setdefault(k, {})[g - offsets[k]] = v
+        got: dict[int, Sample] = {}
+        for k, at in sorted(wanted.items()):
+            url, idx = s.urls[order[k]], self.indexes.get(s.urls[order[k]])
+            runs = _runs(sorted(at)) if idx is not None else [(min(at), max(at) + 1)]
+            for i0, i1 in runs:
+                for i, raw in shard_samples(url, i0, i1, c, s.max_bad_shards, idx, s.io):
+                    labels = labelled(raw, c) if i in at else None
+                    if labels is not None:
+                        got[at[i]] = Sample(at[i], mix(s.seed, epoch, offsets[k] + i, at[i] // r), raw, labels)
+        return [got[v] for v in held if v in got]
 
     def _positions(
         self,
@@ -163,8 +242,9 @@ class TrainStream(IterableDataset):
                 while offsets[k + 1] <= g0:  # skip empty shards
                     k += 1
                 i0, i1 = g0 - offsets[k], min(g1, offsets[k + 1]) - offsets[k]
-                seen = i0
-                for i, raw in shard_samples(s.urls[order[k]], i0, i1, c, s.max_bad_shards):
+                seen, url = i0, s.urls[order[k]]
+                idx = self.indexes.get(url)  # remote: read exactly the range's bytes
+                for i, raw in shard_samples(url, i0, i1, c, s.max_bad_shards, idx, s.io):
                     seen = i + 1
                     v, pos = vbase + (offsets[k] + i - g0), offsets[k] + i
                     labels = labelled(raw, c)
@@ -191,7 +271,8 @@ class TrainStream(IterableDataset):
         drawn = replay(samples, skip, c)  # resume: pass over the saved run's draws undecoded
         images = augmented(drawn, s.transform, c)  # decode + augment, seeded per sample
         for draws, batch in batched(images, s.batch_size, s.img_size, s.multilabel):
-            yield {**batch, "_meta": {"worker": w, "epoch": 0, "watermark": 0, "raw": draws, **c.as_dict()}}
+            meta = {"worker": w, "epoch": 0, "watermark": 0, "raw": draws, "buffer": None}
+            yield {**batch, "_meta": {**meta, **c.as_dict(), **_io()}}
 
     def _drawn_shards(self, rng: random.Random, seed_of: tuple[int, ...]) -> Iterator[Sample]:
         """Samples of whole shards drawn with replacement; sample n (from 1) is seeded by (*seed_of, n)."""
@@ -199,7 +280,7 @@ class TrainStream(IterableDataset):
         n, empty = 0, 0
         while True:
             url, got = s.urls[rng.randrange(len(s.urls))], 0
-            for _, raw in shard_samples(url, 0, None, c, s.max_bad_shards):
+            for _, raw in shard_samples(url, 0, None, c, s.max_bad_shards, policy=s.io):
                 labels = labelled(raw, c)
                 if labels is not None:
                     got, n = got + 1, n + 1
@@ -207,3 +288,19 @@ class TrainStream(IterableDataset):
             empty = 0 if got else empty + 1
             if empty > 2 * len(s.urls) + 10:
                 raise RuntimeError(f"no readable samples in {len(s.urls)} shards (e.g. {url})")
+
+
+def _runs(indexes: list[int]) -> list[tuple[int, int]]:
+    """Sorted integers as half-open runs of consecutive ones: [1, 2, 3, 7] -> [(1, 4), (7, 8)]."""
+    out: list[tuple[int, int]] = []
+    for i in indexes:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+def _io() -> dict:
+    """This process's remote-read totals (cumulative), reported with every batch."""
+    return {"io_retries": IO_STATS.retries, "io_bytes": IO_STATS.bytes_read}

@@ -109,6 +109,8 @@ class Metrics:
             "memory_gib": memory_gib(self.device),
             "skipped_steps": skipped_steps,
             "bad_samples": stats["bad_samples"],
+            "storage_mb_per_s": stats["storage_bytes_per_s"] / 1e6,
+            "io_retries": stats["io_retries"],
             "eta_s": (self.total_steps - step) * dt / self.steps_since_log,
             "epoch": loader.epoch,
         }
@@ -156,6 +158,8 @@ def format_line(kind: str, step: int, v: dict[str, Any]) -> str:
         "data_wait": "data wait {:.1%}",
         "memory_gib": "mem {:.2f} GiB",
         "skipped_steps": "skipped {}",
+        "storage_mb_per_s": "storage {:.1f} MB/s",
+        "io_retries": "io retries {}",
         "eta_s": "ETA {}",
     }
     for key, f in fmt.items():

@@ -141,9 +141,7 @@ def test_stop_signal_saves_the_last_finished_step_and_the_restart_is_bit_identic
     assert complete_tags(out / "checkpoints") == [(stopped_at, f"step_{stopped_at:08d}")]  # 0 steps lost
     assert (out / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
     if launcher == "ours":
-        assert code == exit_codes.PREEMPTED
-        if target == "group":  # the rank got it from the group and from the launcher: the second is ignored
-            assert "received again: already stopping, ignored" in text
+        assert code == exit_codes.PREEMPTED  # on "group" a rank gets SIGTERM twice (or once, merged by the kernel)
         check_resumes_bit_identically(cmd, out, tmp_path / "resume.log", uninterrupted[stage], stopped_at)
     else:
         assert code != 0  # the runner died of the signal at once; its ranks still saved (resuming is as above)

@@ -61,7 +61,8 @@ def gathered(engine: Engine) -> dict[str, torch.Tensor]:
     import deepspeed
 
     params = dict(engine.model.module.named_parameters())
-    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=hasattr(next(iter(params.values())), "ds_id")):
+    partitioned = hasattr(next(iter(params.values())), "ds_id")
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=partitioned):
         return {k: v.detach().float().clone() for k, v in params.items()}
 
 
@@ -93,7 +94,8 @@ def main() -> int:
     out: dict = {}
 
     torch.manual_seed(SEED)
-    plain = {k: v.to(torch.bfloat16).float() for k, v in create_vit("vit_test_patch4", num_classes=10).named_parameters()}
+    plain = create_vit("vit_test_patch4", num_classes=10).named_parameters()
+    plain = {k: v.to(torch.bfloat16).float() for k, v in plain}  # as DeepSpeed casts a whole model
     init_on, loss_on, _ = run(config("deepspeed.zero_stage=3", "deepspeed.zero_init=true"), rank, world, device)
     init_off, loss_off, _ = run(config("deepspeed.zero_stage=3", "deepspeed.zero_init=false"), rank, world, device)
     out["zero_init"] = {
@@ -105,7 +107,8 @@ def main() -> int:
     }
     for stage in (2, 3):
         w0, eager, w_eager = run(config(f"deepspeed.zero_stage={stage}"), rank, world, device)
-        _, compiled, w_compiled = run(config(f"deepspeed.zero_stage={stage}", "train.compile=true"), rank, world, device)
+        compiled_cfg = config(f"deepspeed.zero_stage={stage}", "train.compile=true")
+        _, compiled, w_compiled = run(compiled_cfg, rank, world, device)
         out[f"compile_zero{stage}"] = {
             "eager": eager,
             "compiled": compiled,

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / "tests" / "helpers" / "engine_variants.py"
 # bf16 bound for compiled vs eager: the compiled block fuses ops (one bf16 rounding where eager rounds after every op),
-# so per-step losses agree to a few bf16 ulps of the loss (ulp at 2.3 is 2^-6 = 0.016), not bit for bit.
-LOSS_ATOL = 0.05
+# so per-step losses agree to about one bf16 ulp of the loss (2^-6 = 0.016 at 2.3), not bit for bit. Measured: at most
+# 0.005 over 4 steps; the weights after 4 steps 7% of the update apart (bound 25%).
+LOSS_ATOL = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,10 @@ def test_zero3_partitioned_build_gives_todays_initial_weights(variants):
     z = variants["zero_init"]
     assert z["names_equal"]
     assert z["partitioned_equals_plain"] == [] and z["whole_equals_plain"] == []  # names of unequal weights
-    # Same weights, same data: the first steps' losses are identical.
+    # Same weights, same data: the first steps' losses are identical (later ones differ in the last bits: the
+    # partitioned build orders the parameters differently in DeepSpeed's flat buffers, so sums round differently).
     assert z["losses_partitioned"][:2] == z["losses_whole"][:2]
+    assert all(abs(a - b) < 1e-2 for a, b in zip(z["losses_partitioned"], z["losses_whole"], strict=True))
 
 
 @pytest.mark.parametrize("stage", [2, 3])

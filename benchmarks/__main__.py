@@ -105,6 +105,14 @@ def _train_rows(r: dict) -> list[dict]:
             "s/step",
             "<= 1.0",
         ),
+        _row(
+            "train",
+            f"regional torch.compile vs eager ({r['compile']['model']}, batch {r['compile']['batch']})",
+            r["compile"]["compiled_s_per_step"],
+            r["compile"]["eager_s_per_step"],
+            "s/step",
+            "<= 0.85",
+        ),
         _row("train", "grad checkpointing on vs off: fwd+bwd time", c["s_on"], c["s_off"], "s", "~1.3 (recompute)"),
         _row(
             "train",

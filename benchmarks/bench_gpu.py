@@ -18,8 +18,10 @@ What it measures, all in bf16 at 224 px (ViT-H/14: 224 px, 16x16 patches of 14 p
 3. The same step fed by the real input stream (`pretrain.data.build_train_loader` on JPEG shards made here by
    `data_tools`): images/s against the synthetic figure and the loader's data-wait fraction.
 
-TF32 matmuls are allowed, attention is `F.scaled_dot_product_attention` (flash kernels) on both sides;
-`--compile` wraps both models in `torch.compile`.
+TF32 matmuls are allowed, attention is `F.scaled_dot_product_attention` (flash kernels) on both sides; the SDPA
+kernels usable for each model's shapes are listed. Without `--compile` every model is also measured with regional
+compilation of our blocks (`train.compile`, `pretrain.train.compile`) against its eager figure; `--compile` runs
+everything compiled (ours regionally, timm's whole model).
 
     python -m benchmarks.bench_gpu [--full] [--models vit_large_patch16] [--precision bf16|autocast] [--compile]
 """
@@ -41,6 +43,7 @@ import torch
 
 from pretrain.models.specs import TIMM_NAMES
 from pretrain.models.vit import create_vit, resolve_args, train_flops_per_image
+from pretrain.train.compile import compile_blocks
 from pretrain.train.metrics import PEAK_BF16_FLOPS, device_peak_flops
 
 MODELS = ("vit_base_patch16", "vit_large_patch16", "vit_huge_patch14")
@@ -120,7 +123,11 @@ def _models(name: str, precision: str, device: torch.device, compile_: bool):
         m = m.to(device=device, dtype=dtype).train()
         # fused: one kernel for the whole update; bf16 params keep bf16 moments (DeepSpeed keeps fp32 ones)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
-        step_model = torch.compile(m) if compile_ else m
+        step_model = m
+        if compile_ and m is ours:
+            compile_blocks(m, zero_stage=0)  # regional, as `train.compile` does in training
+        elif compile_:
+            step_model = torch.compile(m)  # timm: the whole model
         out.append((m, step_model, opt))
     return out
 
@@ -191,6 +198,25 @@ def throughput(name: str, precision: str, compile_: bool, steps: int, rounds: in
         "timm_mfu": mfu(best["timm"], flops, peak),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
     }
+
+
+def sdpa_backends(name: str, batch: int = 8) -> list[str]:
+    """The SDPA kernels that accept this model's attention shapes in bf16 on this GPU (each tried alone); the default
+    dispatcher takes the first usable one of its priority list, flash attention first."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    args = resolve_args(name)
+    tokens, heads = (args.img_size // args.patch_size) ** 2 + 1, args.num_heads
+    q = torch.randn(batch, heads, tokens, args.embed_dim // heads, device="cuda", dtype=torch.bfloat16)
+    usable = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            usable.append(backend.name.lower())
+        except RuntimeError:
+            pass
+    return usable or ["math"]
 
 
 def max_batch(name: str, precision: str, checkpointing: bool) -> int:
@@ -295,7 +321,11 @@ def run(
     }
     for m in models:
         r = out["models"][m] = {"throughput": throughput(m, precision, compile_, steps, rounds)}
+        r["sdpa"] = sdpa_backends(m)
         _free()
+        if not compile_:  # eager vs regional compile of the same step
+            r["compiled"] = throughput(m, precision, True, steps, rounds)
+            _free()
         if m in detail_models:
             r["max_batch"] = {"off": max_batch(m, precision, False), "on": max_batch(m, precision, True)}
             r["stream"] = with_stream(m, precision, compile_, steps, workers, r["throughput"]["ours_img_s"])
@@ -335,6 +365,17 @@ def rows(result: dict) -> list[dict]:
             out.append(row(f"{short} MFU: n/a (peak of {result['device']} unknown)", None, None, "MFU", target))
         else:
             out.append(row(f"{short} MFU vs timm", t["ours_mfu"], t["timm_mfu"], "MFU", target))
+        if "compiled" in r:
+            c = r["compiled"]
+            out.append(
+                row(
+                    f"{short} regional compile vs eager (SDPA: {', '.join(r.get('sdpa', ['?']))})",
+                    c["ours_img_s"],
+                    t["ours_img_s"],
+                    "images/s",
+                    ">= 1.0",
+                )
+            )
         if "max_batch" in r:
             mb = r["max_batch"]
             out.append(row(f"{short} largest micro-batch, checkpointing on vs off", mb["on"], mb["off"], "images"))

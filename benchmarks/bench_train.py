@@ -2,7 +2,8 @@
 
 1. This project's ViT against timm's `VisionTransformer` of the same shape, in the same plain PyTorch loop
    (AdamW, bf16 autocast, same data), interleaved in one process: seconds per step and the ratio ours / timm
-   (target <= 1.0). With and without gradient checkpointing: time and peak-memory ratios.
+   (target <= 1.0). With and without gradient checkpointing: time and peak-memory ratios. Regional torch.compile of
+   the blocks (`train.compile`) against eager in the same loop: the step-time ratio compiled / eager.
 2. Per-rank memory of the model states under ZeRO 1, 2 and 3 on 2 CPU ranks (DeepSpeed, bf16), measured as the
    bytes of every live tensor on the rank after a step, against the ZeRO paper's 16-bytes-per-parameter
    accounting (2 bf16 weights + 2 bf16 grads + 12 fp32 master/momentum/variance, divided by ZeRO's stage).
@@ -66,6 +67,39 @@ def ours_vs_timm(quick: bool) -> dict:
         "ours_s_per_step": a,
         "timm_s_per_step": b,
         "ratio": a / b,
+    }
+
+
+def compiled_vs_eager(quick: bool) -> dict:
+    """Regional torch.compile of the blocks (`train.compile`, `pretrain.train.compile.compile_blocks`) against eager:
+    the same model weights, the same loop as `ours_vs_timm`, interleaved rounds, best of each."""
+    from pretrain.models.vit import create_vit
+    from pretrain.train.compile import compile_blocks
+
+    depth, batch, rounds = (4, 16, 3) if quick else (12, 32, 5)
+    torch.manual_seed(0)
+    eager = create_vit("vit_small_patch16", num_classes=100, depth=depth)
+    compiled = create_vit("vit_small_patch16", num_classes=100, depth=depth)
+    compiled.load_state_dict(eager.state_dict())
+    compile_blocks(compiled, zero_stage=0)
+    x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 100, (batch,))
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (eager, compiled)}
+    t = time.perf_counter()
+    _step_time(compiled, x, y, opts[compiled], 2)  # compiles forward and backward graphs
+    compile_s = time.perf_counter() - t
+    _step_time(eager, x, y, opts[eager], 1)
+    t_eager, t_compiled = [], []
+    for _ in range(rounds):
+        t_eager.append(_step_time(eager, x, y, opts[eager], 2))
+        t_compiled.append(_step_time(compiled, x, y, opts[compiled], 2))
+    a, b = min(t_compiled), min(t_eager)
+    return {
+        "model": f"vit_small_patch16 depth {depth}",
+        "batch": batch,
+        "compiled_s_per_step": a,
+        "eager_s_per_step": b,
+        "ratio": a / b,
+        "compile_s": compile_s,
     }
 
 
@@ -147,7 +181,12 @@ def zero_memory(quick: bool) -> list[dict]:
 
 
 def run(quick: bool = True) -> dict:
-    return {"step": ours_vs_timm(quick), "checkpointing": checkpointing(quick), "zero": zero_memory(quick)}
+    return {
+        "step": ours_vs_timm(quick),
+        "compile": compiled_vs_eager(quick),
+        "checkpointing": checkpointing(quick),
+        "zero": zero_memory(quick),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         f"timm {s['timm_s_per_step'] * 1e3:.0f} ms"
     )
     print(f"ratio ours/timm: {s['ratio']:.3f}")
+    k = res["compile"]
+    print(
+        f"regional compile ({k['model']}, batch {k['batch']}): compiled {k['compiled_s_per_step'] * 1e3:.0f} ms, "
+        f"eager {k['eager_s_per_step'] * 1e3:.0f} ms, ratio {k['ratio']:.3f} (compiling took {k['compile_s']:.0f} s)"
+    )
     return 0
 
 

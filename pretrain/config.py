@@ -148,6 +148,8 @@ class TrainConfig:
     """Stop after this many non-finite losses in a row."""
     collective_timeout_s: float = 900.0
     """Bound on one step, save or evaluation: past it a rank names the frozen/dead peer and exits 124 (0: none)."""
+    compile: bool = False
+    """Regional torch.compile of each transformer block (`pretrain.train.compile`); off until measured on GPU."""
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank; raises ConfigError if the batch sizes do not divide."""
@@ -187,6 +189,14 @@ class DeepSpeedConfig:
     """Elements of parameters prefetched ahead of use (stage 3)."""
     offload_optimizer: bool = False
     """Keep optimizer state in host memory (ZeRO-Offload)."""
+    zero_init: bool = True
+    """Stage 3: build the model partitioned (`deepspeed.zero.Init`), never whole on a rank; same initial weights."""
+    sub_group_size: int = 20_000_000
+    """Stage 3: elements per optimizer sub-group (bounds the fp32 gradient copy and Adam's temporaries)."""
+    stage3_max_live_parameters: int = 50_000_000
+    """Stage 3: gathered parameter elements kept alive at once."""
+    stage3_max_reuse_distance: int = 50_000_000
+    """Stage 3: keep a gathered parameter only if it is used again within this many elements."""
 
 
 @dataclass
@@ -195,6 +205,16 @@ class LogConfig:
     """Print and record metrics every N steps."""
     tensorboard: bool = True
     """Write TensorBoard event files to output_dir/tb."""
+    wandb: bool = False
+    """Also log to Weights & Biases from rank 0 (`pip install '.[wandb]'`; `WANDB_MODE=offline` for no network)."""
+    wandb_project: str = "vit-pretrain"
+    """W&B project."""
+    wandb_entity: str = ""
+    """W&B entity (user or team); empty: your default entity."""
+    wandb_name: str = ""
+    """W&B run name; empty: `run.name`."""
+    wandb_tags: str = ""
+    """Comma-separated W&B tags."""
 
 
 @dataclass

@@ -99,6 +99,16 @@ def test_gpu_rows_skip_on_cpu_and_are_uniform_on_gpu():
     assert "data-wait 18%" in rows[3]["metric"]
 
 
+def test_gpu_rows_compare_regional_compile_with_eager():
+    t = {"batch": 128, "ours_img_s": 1000.0, "timm_img_s": 1000.0, "ours_mfu": 0.4, "timm_mfu": 0.4}
+    c = {**t, "ours_img_s": 1200.0}
+    fake = {"device": "NVIDIA H100", "family": "H100", "models": {"vit_base_patch16": {"throughput": t, "compiled": c}}}
+    fake["models"]["vit_base_patch16"]["sdpa"] = ["flash_attention", "efficient_attention"]
+    rows = bench_gpu.rows(fake)
+    assert len(rows) == 3 and rows[2]["ratio"] == pytest.approx(1.2)
+    assert "SDPA: flash_attention, efficient_attention" in rows[2]["metric"]
+
+
 # ------------------------------------------------------------------------------------------ the suite
 
 

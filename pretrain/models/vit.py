@@ -12,6 +12,8 @@ DeepSpeed or torch.distributed: wrapping happens in `pretrain.train.engine`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -118,8 +120,22 @@ class PreLogits(nn.Module):
         return torch.tanh(self.fc(x))
 
 
+Whole = Callable[[list[nn.Parameter]], AbstractContextManager]
+"""Makes the given parameters whole (all their elements present) for the duration of the `with` block."""
+
+
+def _as_is(params: list[nn.Parameter]) -> AbstractContextManager:
+    return nullcontext()
+
+
+def _lecun_std(w: torch.Tensor) -> float:
+    return math.sqrt(1.0 / math.prod(w.shape[1:])) / 0.87962566103423978  # std of the truncated normal
+
+
 class VisionTransformer(nn.Module):
-    def __init__(self, args: ViTArgs) -> None:
+    def __init__(self, args: ViTArgs, *, init: bool = True) -> None:
+        """`init=False` leaves the paper's initialisation to a later `init_weights(whole=...)` call (a model built
+        partitioned, whose parameters are not whole inside the constructor)."""
         super().__init__()
         if args.pool not in ("token", "gap"):
             raise ValueError(f"pool must be 'token' or 'gap', got {args.pool!r}")
@@ -141,28 +157,39 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(args.drop_rate)
         self.head = nn.Linear(width or D, args.num_classes) if args.num_classes > 0 else nn.Identity()
         self.grad_checkpointing = 0  # checkpoint every k-th block; 0 = off
-        self.init_weights()
+        if init:
+            self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, whole: Whole = _as_is) -> None:
         """The paper's (JAX) initialisation: xavier-uniform linears, LeCun-normal patch projection,
-        trunc-normal(0.02) class token and position embedding, zero head with a settable bias."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        trunc-normal(0.02) class token and position embedding, zero head with a settable bias.
+
+        Each parameter is written inside `whole([param])`: a no-op for an ordinary model; for a partitioned one it
+        gathers the parameter, and re-partitions it afterwards. The random draws are the same either way.
+        """
+        for param, init in self._init_steps():
+            with whole([param]):
+                init(param)
+
+    def _init_steps(self) -> Iterator[tuple[nn.Parameter, Callable[[torch.Tensor], object]]]:
+        """(parameter, in-place initialiser) in the order of the random draws (the head's xavier draw included,
+        though the head is zeroed after: the draws of every later parameter depend on it)."""
+        yield self.pos_embed, lambda t: nn.init.trunc_normal_(t, std=0.02)
+        yield self.cls_token, lambda t: nn.init.trunc_normal_(t, std=0.02)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.normal_(m.bias, std=1e-6) if ".mlp." in name else nn.init.zeros_(m.bias)
+                yield m.weight, nn.init.xavier_uniform_
+                yield m.bias, (lambda t: nn.init.normal_(t, std=1e-6)) if ".mlp." in name else nn.init.zeros_
             elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.patch_embed.proj.weight
-        fan_in = w.shape[1] * w.shape[2] * w.shape[3]
-        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)  # LeCun normal, truncated
-        nn.init.zeros_(self.patch_embed.proj.bias)
+                yield m.weight, nn.init.ones_
+                yield m.bias, nn.init.zeros_
+        # LeCun normal, truncated; fan-in = in_chans x patch x patch, read from the whole tensor
+        yield self.patch_embed.proj.weight, lambda t: nn.init.trunc_normal_(t, std=_lecun_std(t))
+        yield self.patch_embed.proj.bias, nn.init.zeros_
         if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.constant_(self.head.bias, self.args.head_bias_init)
+            yield self.head.weight, nn.init.zeros_
+            yield self.head.bias, lambda t: nn.init.constant_(t, self.args.head_bias_init)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters exempt from weight decay besides biases and norms (see `pretrain.train.engine`)."""

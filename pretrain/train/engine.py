@@ -20,6 +20,7 @@ from pretrain.data import mixup, normalize, to_targets
 from pretrain.losses import classification_loss
 from pretrain.models.vit import VisionTransformer
 from pretrain.schedule import lr_factor
+from pretrain.train.compile import compile_blocks
 
 
 def deepspeed_config(
@@ -36,6 +37,11 @@ def deepspeed_config(
     if ds.zero_stage == 3:
         zero["stage3_prefetch_bucket_size"] = ds.stage3_prefetch_bucket_size
         zero["stage3_gather_16bit_weights_on_model_save"] = False  # export rebuilds fp32 from the shards instead
+        # DeepSpeed's defaults (1e9 each) exceed ViT-H's whole partition: one fp32 gradient copy and Adam temporaries
+        # of the full shard, and the whole bf16 model kept gathered (benchmarks/bench_zero3.py measures the peak).
+        zero["sub_group_size"] = ds.sub_group_size
+        zero["stage3_max_live_parameters"] = ds.stage3_max_live_parameters
+        zero["stage3_max_reuse_distance"] = ds.stage3_max_reuse_distance
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
     return {
@@ -115,6 +121,8 @@ class Engine:
         import deepspeed
 
         config = deepspeed_config(train, optim, ds, world_size, on_cuda=device.type == "cuda")
+        if train.compile:
+            compile_blocks(model, ds.zero_stage)  # before initialize: ZeRO-3 hooks go on the leaf blocks
         if universal:
             config["checkpoint"] = {"load_universal": True}  # a `ds_to_universal` folder: any world size
         self.model, *_ = deepspeed.initialize(

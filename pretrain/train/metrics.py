@@ -1,4 +1,4 @@
-"""Live metrics on rank 0: one console line, a JSONL file and TensorBoard events per logging step."""
+"""Live metrics on rank 0: one console line, a JSONL file, TensorBoard events and (optionally) W&B per logging step."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import LogConfig, TrainConfig
+from pretrain.train.wandb_log import WandbLogger, check_available
 
 if TYPE_CHECKING:
     from pretrain.data import TrainLoader
@@ -49,6 +50,7 @@ class Metrics:
         train: the `train` config section (batch sizes, total steps).
         rank, world_size, device: this rank.
         flops_per_image: training FLOPs of one image (`train_flops_per_image`), for MFU.
+        run_name: `run.name`, the W&B run name unless `log.wandb_name` is set.
     """
 
     def __init__(
@@ -61,13 +63,15 @@ class Metrics:
         world_size: int,
         device: torch.device,
         flops_per_image: float,
+        run_name: str = "vit",
     ) -> None:
         self.every, self.total_steps, self.global_batch_size = log.every_steps, train.steps, train.global_batch_size
         self.world_size, self.accum = world_size, train.grad_accum_steps(world_size)
         self.device, self.flops_per_image, self.peak_flops = device, flops_per_image, device_peak_flops(device)
         self.loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync between log steps
         self.t_log, self.steps_since_log = time.perf_counter(), 0
-        self.jsonl, self.tb = None, None
+        self.jsonl, self.tb, self.wandb = None, None, None
+        check_available(log)  # on every rank, so that all stop alike
         if rank != 0:
             return
         out = Path(output_dir)
@@ -77,6 +81,8 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tb"))
+        if log.wandb:
+            self.wandb = WandbLogger(log, out, run_name)
 
     def start(self) -> None:
         """Start the step timer (at the first step of this process)."""
@@ -134,6 +140,8 @@ class Metrics:
             for k, v in values.items():
                 if isinstance(v, int | float) and v is not None:
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log(kind, step, values)
         print(format_line(kind, step, values), flush=True)
 
     def close(self) -> None:
@@ -141,6 +149,8 @@ class Metrics:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def format_line(kind: str, step: int, v: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ import torch
 from pretrain.checkpoint_format import tag_for
 from pretrain.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
 from pretrain.data import EvalLoader, TrainLoader, build_eval_loader, build_train_loader, resolve_shards
-from pretrain.models.vit import ViTArgs, create_vit, resolve_args, train_flops_per_image
+from pretrain.models.vit import ViTArgs, resolve_args, train_flops_per_image
 from pretrain.train import faults
 from pretrain.train.checkpointer import Checkpointer, check_resumable, is_universal, resolve_resume, run_meta
 from pretrain.train.distributed import PerRank, Stateful, init_distributed
@@ -35,6 +35,7 @@ from pretrain.train.metrics import Metrics
 from pretrain.train.preemption import Preempted, StopRequest, agree
 from pretrain.train.state import TrainState
 from pretrain.train.watchdog import Watchdog
+from pretrain.train.zero_init import build_model
 
 
 def preflight(data: DataConfig, model: ModelConfig) -> tuple[int, list[str]]:
@@ -133,7 +134,7 @@ class Trainer:
         if rank == 0:
             save_config(cfg, out_dir / "config.yaml")
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank; DeepSpeed shards them
-        model = create_vit(cfg.model.name, **dataclasses.asdict(args))
+        model = build_model(cfg, args, world_size=world, device=device)  # partitioned at ZeRO-3 (zero_init.py)
         model.set_grad_checkpointing(cfg.train.grad_checkpointing, cfg.train.grad_checkpointing_every)
         engine = Engine.from_config(
             model, cfg, world_size=world, device=device, universal=bool(target) and is_universal(target)
@@ -157,6 +158,7 @@ class Trainer:
             world_size=world,
             device=device,
             flops_per_image=train_flops_per_image(args),
+            run_name=cfg.run.name,
         )
         evaluator = Evaluator(eval_loader, cfg.train, num_classes)
         return cls(cfg, engine, loader, state, checkpointer, metrics, evaluator, stop, watchdog)

@@ -1,0 +1,44 @@
+"""The capacity planner: one table whose figures agree with the model's own parameter and FLOP counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from pretrain.models.vit import create_vit, resolve_args, train_flops_per_image
+from pretrain.plan import main, param_count, parse_args, plan
+
+
+def rows(argv: list[str]) -> dict[str, tuple[str, str]]:
+    return {r.what: (r.value, r.source) for r in plan(parse_args(argv))}
+
+
+@pytest.mark.parametrize("model", ["vit_test_patch4", "vit_base_patch16"])
+def test_parameters_and_flops_are_the_models(model):
+    img = 32 if model == "vit_test_patch4" else 224
+    argv = ["--model", model, "--samples", "1M", "--epochs", "1", "--gpus", "8", "--img-size", str(img)]
+    r = rows(argv + ["--num-classes", "10"])
+    net = create_vit(model, num_classes=10, img_size=img)
+    n = sum(p.numel() for p in net.parameters())
+    assert param_count(resolve_args(model, num_classes=10, img_size=img)) == n
+    assert r["parameters"][0] == f"{n / 1e6:,.1f} M"
+    flops = train_flops_per_image(net.args)
+    assert r["training FLOPs per image"][0] == f"{flops / 1e9:,.1f} GFLOP"
+    # time = images / (MFU x peak / FLOPs per image x GPUs), H100 by default
+    days = 1e6 / (0.35 * 989e12 / flops * 8) / 86400
+    assert r["time on 8 x H100"][0] == f"{days:,.2f} days"
+
+
+def test_every_figure_names_its_source_and_the_table_prints(capsys):
+    argv = ["--model", "vit_large_patch16", "--samples", "14.2M", "--epochs", "90", "--gpus", "64", "--days", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| quantity | value | source |" and len(out) == 2 + len(rows(argv))
+    assert all(r[1].split(":")[0].split()[0] in ("derived", "measured", "given") for r in rows(argv).values())
+    assert sum("ZeRO-" in line for line in out) == 8  # 4 stages x checkpointing on/off
+
+
+def test_bad_input_exits_2_with_one_line(capsys):
+    assert main(["--model", "vit_nope", "--samples", "1M", "--epochs", "1", "--gpus", "8"]) == 2
+    assert main(["--model", "vit_base_patch16", "--samples", "lots", "--epochs", "1", "--gpus", "8"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "unknown model" in err[0] and "14.2M" in err[1]

@@ -56,11 +56,7 @@ def ours_vs_timm(quick: bool) -> dict:
     opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (ours, theirs)}
     for m in (ours, theirs):  # warm-up
         _step_time(m, x, y, opts[m], 1)
-    t_ours, t_timm = [], []
-    for _ in range(rounds):  # interleaved, so drift in machine load hits both alike
-        t_ours.append(_step_time(ours, x, y, opts[ours], 2))
-        t_timm.append(_step_time(theirs, x, y, opts[theirs], 2))
-    a, b = min(t_ours), min(t_timm)
+    a, b = _best_interleaved(ours, theirs, x, y, opts, rounds)
     return {
         "model": f"vit_small_patch16 depth {depth}",
         "batch": batch,
@@ -68,6 +64,16 @@ def ours_vs_timm(quick: bool) -> dict:
         "timm_s_per_step": b,
         "ratio": a / b,
     }
+
+
+def _best_interleaved(m1, m2, x, y, opts, rounds: int) -> tuple[float, float]:
+    """Best seconds per step of each model over `rounds` rounds, interleaved so that drift in machine load hits both
+    alike."""
+    t1, t2 = [], []
+    for _ in range(rounds):
+        t1.append(_step_time(m1, x, y, opts[m1], 2))
+        t2.append(_step_time(m2, x, y, opts[m2], 2))
+    return min(t1), min(t2)
 
 
 def compiled_vs_eager(quick: bool) -> dict:
@@ -88,11 +94,7 @@ def compiled_vs_eager(quick: bool) -> dict:
     _step_time(compiled, x, y, opts[compiled], 2)  # compiles forward and backward graphs
     compile_s = time.perf_counter() - t
     _step_time(eager, x, y, opts[eager], 1)
-    t_eager, t_compiled = [], []
-    for _ in range(rounds):
-        t_eager.append(_step_time(eager, x, y, opts[eager], 2))
-        t_compiled.append(_step_time(compiled, x, y, opts[compiled], 2))
-    a, b = min(t_compiled), min(t_eager)
+    a, b = _best_interleaved(compiled, eager, x, y, opts, rounds)
     return {
         "model": f"vit_small_patch16 depth {depth}",
         "batch": batch,

@@ -30,6 +30,7 @@ from pretrain.data import (
 )
 from pretrain.data.decode import BadSample, BadShard, decode_rgb, read_shard
 from pretrain.data.transforms import draft_factor, resized_crop
+from tests.helpers.servers import ShardServer
 
 
 def jpeg(w: int, h: int, seed: int) -> bytes:
@@ -187,10 +188,12 @@ def test_resolve_shards_forms(bad_shards, tmp_path):
         resolve_shards(str(root), "val")
     with pytest.raises(ShardError, match="does not exist"):
         resolve_shards(str(root / "nope-{0..3}.tar"))
-    remote = resolve_shards("https://example.com/train-{000..003}.tar")
-    assert len(remote.urls) == 4 and remote.lengths is None
-    with pytest.raises(ShardError, match="resampled"):
-        build_train_loader(DataConfig(train_shards="https://example.com/a-{0..3}.tar"), img_size=8, batch_size=2)
+    (tmp_path / "empty").mkdir()
+    with ShardServer(tmp_path / "empty") as srv:  # on 127.0.0.1, without an _info.json (404)
+        remote = resolve_shards(srv.url + "/train-{000..003}.tar")
+        assert len(remote.urls) == 4 and remote.lengths is None
+        with pytest.raises(ShardError, match="resampled"):
+            build_train_loader(DataConfig(train_shards=srv.url + "/a-{0..3}.tar"), img_size=8, batch_size=2)
 
 
 def test_train_transform_is_seeded_and_uint8():

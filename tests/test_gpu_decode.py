@@ -95,6 +95,35 @@ def test_assembled_batch_equals_the_cpu_path_exactly(mixed_shards):
     assert draft_factor(96, 72, SIZE) == 1
 
 
+def test_trainer_wiring_and_exact_resume_with_gpu_decode(mixed_shards):
+    """The Trainer's loader build with `data.decode=gpu` on a CPU device: the default decoder (torchvision's, on that
+    device) gives the CPU path's batches; a resumed loader continues with the uninterrupted run's next batch."""
+    from pretrain.config import TrainConfig
+    from pretrain.train.trainer import build_loaders
+
+    data = DataConfig(train_shards=str(mixed_shards), num_workers=0, shuffle_buffer=6, decode="gpu", val_shards="")
+    train = TrainConfig(micro_batch_size=BATCH, global_batch_size=BATCH)
+    make = partial(build_loaders, data, train, SIZE, seed=3, rank=0, world=1, device=torch.device("cpu"))
+    loader, _ = make()
+    it, cpu = iter(loader), iter(_loader(mixed_shards, "cpu"))
+    first = next(it)
+    assert torch.equal(first["image"], next(cpu)["image"])
+    state = loader.state_dict()
+    assert state == _cpu_state_after(mixed_shards, 1)  # the stream state does not depend on where JPEGs decode
+    resumed, _ = make()
+    resumed.load_state_dict(state)
+    again, expected = next(iter(resumed)), next(it)
+    assert again["key"] == expected["key"] and torch.equal(again["image"], expected["image"])
+
+
+def _cpu_state_after(shards: Path, batches: int) -> dict:
+    loader = _loader(shards, "cpu")
+    it = iter(loader)
+    for _ in range(batches):
+        next(it)
+    return loader.state_dict()
+
+
 def _png(img: torch.Tensor) -> bytes:
     import io
 

@@ -163,7 +163,7 @@ def _cpu_decode(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
 
 def _replace(batch: dict, bad: list[int]) -> None:
     """Overwrite the unreadable rows of a batch with its first readable sample."""
-    good = next((i for i in range(len(batch["key"])) if i not in set(bad)), None)
+    good = next((i for i in range(len(batch["key"])) if i not in bad), None)
     if good is None:
         raise RuntimeError(f"no image of a batch could be decoded (keys {batch['key'][:3]}...); check the shards")
     for i in bad:

@@ -80,6 +80,16 @@ def _loader_rows(r: dict) -> list[dict]:
     rows.append(
         _row(
             "loader",
+            "worker pipeline, data.decode=gpu vs cpu (per_cpu_s; the GPU decode not included)",
+            r["worker_decode_gpu_img_per_cpu_s"],
+            r["worker_decode_cpu_img_per_cpu_s"],
+            "images/CPU-s",
+            "higher",
+        )
+    )
+    rows.append(
+        _row(
+            "loader",
             "loopback HTTP vs local disk (per_worker)",
             r["http_img_per_worker"],
             r["local_img_per_worker"],

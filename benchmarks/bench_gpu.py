@@ -16,7 +16,8 @@ What it measures, all in bf16 at 224 px (ViT-H/14: 224 px, 16x16 patches of 14 p
 2. The largest micro-batch that fits, with and without gradient checkpointing (doubling, then bisection on
    out-of-memory, `torch.cuda.empty_cache()` between tries).
 3. The same step fed by the real input stream (`pretrain.data.build_train_loader` on JPEG shards made here by
-   `data_tools`): images/s against the synthetic figure and the loader's data-wait fraction.
+   `data_tools`): images/s against the synthetic figure and the loader's data-wait fraction, with the JPEGs decoded
+   in the workers and with `data.decode=gpu` (nvJPEG in the training process).
 
 TF32 matmuls are allowed, attention is `F.scaled_dot_product_attention` (flash kernels) on both sides; the SDPA
 kernels usable for each model's shapes are listed. Without `--compile` every model is also measured with regional
@@ -251,8 +252,11 @@ def max_batch(name: str, precision: str, checkpointing: bool) -> int:
         _free()
 
 
-def with_stream(name: str, precision: str, compile_: bool, steps: int, workers: int, synthetic_img_s: float) -> dict:
-    """The same step fed by the real input stream from generated JPEG shards (500x375 photos, 224 px crops)."""
+def with_stream(
+    name: str, precision: str, compile_: bool, steps: int, workers: int, synthetic_img_s: float, decode: str = "cpu"
+) -> dict:
+    """The same step fed by the real input stream from generated JPEG shards (500x375 photos, 224 px crops), the
+    JPEGs decoded in the workers (`decode="cpu"`) or in batches on the GPU (`data.decode=gpu`)."""
     from data_tools.digits import write_photos
     from data_tools.shard import shard
     from pretrain.config import DataConfig
@@ -265,8 +269,10 @@ def with_stream(name: str, precision: str, compile_: bool, steps: int, workers: 
         photos = write_photos(tmp / "photos", classes=4, per_class=max(64, batch // 2), size=(500, 375))
         shard(photos, tmp / "shards", workers=min(8, os.cpu_count() or 1), samples_per_shard=64, progress=False)
         # resampled: one endless stream, so no epoch boundary (worker restart) falls inside the timed steps
-        cfg = DataConfig(train_shards=str(tmp / "shards"), num_workers=workers, shuffle_buffer=512, mode="resampled")
-        loader = build_train_loader(cfg, img_size=224, batch_size=batch, seed=0, pin_memory=True)
+        cfg = DataConfig(
+            train_shards=str(tmp / "shards"), num_workers=workers, shuffle_buffer=512, mode="resampled", decode=decode
+        )
+        loader = build_train_loader(cfg, img_size=224, batch_size=batch, seed=0, pin_memory=True, device=device)
         (_, run_, opt), _ = _models(name, precision, device, compile_)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         it = iter(loader)
@@ -287,6 +293,7 @@ def with_stream(name: str, precision: str, compile_: bool, steps: int, workers: 
             "img_s": rate,
             "synthetic_img_s": synthetic_img_s,
             "data_wait_fraction": wait,
+            "decode": decode,
         }
     finally:
         _free()
@@ -329,6 +336,8 @@ def run(
         if m in detail_models:
             r["max_batch"] = {"off": max_batch(m, precision, False), "on": max_batch(m, precision, True)}
             r["stream"] = with_stream(m, precision, compile_, steps, workers, r["throughput"]["ours_img_s"])
+            _free()
+            r["stream_gpu"] = with_stream(m, precision, compile_, steps, workers, r["throughput"]["ours_img_s"], "gpu")
         _free()
     return out
 
@@ -379,11 +388,13 @@ def rows(result: dict) -> list[dict]:
         if "max_batch" in r:
             mb = r["max_batch"]
             out.append(row(f"{short} largest micro-batch, checkpointing on vs off", mb["on"], mb["off"], "images"))
-        if "stream" in r:
-            s = r["stream"]
+        for key, how in (("stream", ""), ("stream_gpu", ", GPU decode")):
+            if key not in r:
+                continue
+            s = r[key]
             out.append(
                 row(
-                    f"{short} real stream vs synthetic ({s['workers']} workers, data-wait "
+                    f"{short} real stream{how} vs synthetic ({s['workers']} workers, data-wait "
                     f"{s['data_wait_fraction']:.0%})",
                     s["img_s"],
                     s["synthetic_img_s"],

@@ -10,6 +10,11 @@ RandomResizedCrop to 224 + horizontal flip.
   ceiling:  read the same files and decode them with torchvision.io.decode_jpeg, nothing else
 Each side runs 3 times, alternating, and keeps its best figure; the first batch (worker start-up) is not timed.
 
+Worker side of `data.decode=gpu`, same run: a worker's whole pipeline (tar read, shuffle, transform, batch) run
+in-process, images per CPU-second, with `data.decode=gpu` (JPEG header + crop/flip draw, bytes packed; the decode
+happens later on the GPU and is not in this figure) against `data.decode=cpu` (decode + crop-resize + flip): how
+many fewer CPU cores per GPU the workers need.
+
 Remote shards, same run: the stream over loopback HTTP (a Range-capable server on 127.0.0.1) against the same shards
 from local disk (images/s per worker), and a resume at 90 % of an epoch over HTTP (digits shards, 0 workers, buffer
 256): bytes served and seconds until the first batch, refilling the saved shuffle buffer by random access against
@@ -37,6 +42,7 @@ from data_tools.digits import write_digits, write_photos
 from data_tools.shard import shard
 from pretrain.config import DataConfig
 from pretrain.data import build_train_loader
+from pretrain.data.stream import TrainStream
 from tests.helpers.servers import ShardServer
 
 IMG, BATCH = 224, 32
@@ -79,6 +85,13 @@ def _ours(shards: Path | str, n_batches: int, workers: int) -> tuple[float, floa
     loader = build_train_loader(cfg, img_size=IMG, batch_size=BATCH, seed=0, pin_memory=False)
     rate = _timed(loader, n_batches, workers)
     return rate, loader.stats()["data_wait_fraction"]
+
+
+def _worker_side(shards: Path, n_batches: int, decode: str) -> float:
+    """Images per CPU-second of one worker's pipeline, in-process (no main-process decode of `data.decode=gpu`)."""
+    cfg = DataConfig(train_shards=str(shards), num_workers=0, shuffle_buffer=256, decode=decode)
+    loader = build_train_loader(cfg, img_size=IMG, batch_size=BATCH, seed=0, pin_memory=False, device="cpu")
+    return _timed(_forever(TrainStream(loader.spec, 0)), n_batches, 0)  # epochs follow each other
 
 
 class _DecodeOnly(Dataset):
@@ -136,6 +149,12 @@ def run(quick: bool = True) -> dict:
             out.update({f"{k}_img_{label}": round(v, 1) for k, v in best.items()})
             out[f"ratio_vs_imagefolder_{label}"] = round(best["stream"] / best["imagefolder"], 2)
             out[f"ratio_vs_decode_only_{label}"] = round(best["stream"] / best["decode_only"], 2)
+        best = {"cpu": 0.0, "gpu": 0.0}
+        for _ in range(repeats):
+            for decode in best:
+                best[decode] = max(best[decode], _worker_side(tmp / "shards", n_batches, decode))
+        out.update({f"worker_decode_{k}_img_per_cpu_s": round(v, 1) for k, v in best.items()})
+        out["ratio_worker_decode_gpu_vs_cpu"] = round(best["gpu"] / best["cpu"], 2)
         with ShardServer(tmp / "shards") as srv:
             best = {"local": 0.0, "http": 0.0}
             for _ in range(repeats):
@@ -186,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, what in (("per_worker", "images/s per worker (wall clock)"), ("per_cpu_s", "images per CPU-second")):
         print(f"stream / ImageFolder, {what}: {r[f'ratio_vs_imagefolder_{label}']:.2f}x (target >= 1.8x)")
         print(f"stream / decode-only, {what}: {r[f'ratio_vs_decode_only_{label}']:.2f}x (target >= 0.6x)")
+    print(
+        f"worker pipeline, data.decode=gpu / cpu, images per CPU-second: {r['ratio_worker_decode_gpu_vs_cpu']:.2f}x "
+        "(GPU decode not included)"
+    )
     print(f"loopback HTTP / local disk, images/s per worker: {r['ratio_http_vs_local']:.2f}x (target >= 0.9x)")
     res = r["resume_90"]
     for what, unit in (("mb", "MB served"), ("s", "s")):

@@ -94,6 +94,8 @@ class DataConfig:
     """Remote shards: transient faults (reset, 5xx/429, stall) retried per request, with backoff, at the same byte."""
     io_chunk_bytes: int = 8 << 20
     """Remote shards: bytes per ranged GET (a resume over-reads at most this much per worker)."""
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """Training JPEGs decoded and cropped in the loader workers (`cpu`) or in batches on the GPU (`gpu`, CUDA only)."""
 
 
 @dataclass
@@ -314,6 +316,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.crop_scale_min={cfg.data.crop_scale_min} must be in (0, 1]")
     if not 0.0 < cfg.data.eval_crop_pct <= 1.0:
         raise ConfigError(f"data.eval_crop_pct={cfg.data.eval_crop_pct} must be in (0, 1]")
+    if cfg.data.decode == "gpu" and cfg.data.randaugment_ops > 0:
+        raise ConfigError(
+            "data.decode=gpu cannot run RandAugment (it needs the decoded image in the worker); "
+            "set data.randaugment_ops=0 or data.decode=cpu"
+        )
     if cfg.train.global_batch_size % cfg.train.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "

@@ -99,6 +99,16 @@ def test_gpu_rows_skip_on_cpu_and_are_uniform_on_gpu():
     assert "data-wait 18%" in rows[3]["metric"]
 
 
+def test_gpu_rows_show_the_stream_with_gpu_decode():
+    t = {"batch": 256, "ours_img_s": 4000.0, "timm_img_s": 4000.0, "ours_mfu": 0.4, "timm_mfu": 0.4}
+    s = {"workers": 14, "img_s": 2000.0, "synthetic_img_s": 4000.0, "data_wait_fraction": 0.5}
+    fake = {"device": "NVIDIA H100", "family": "H100", "models": {"vit_base_patch16": {"throughput": t, "stream": s}}}
+    fake["models"]["vit_base_patch16"]["stream_gpu"] = {**s, "img_s": 3800.0, "data_wait_fraction": 0.05}
+    rows = bench_gpu.rows(fake)
+    assert len(rows) == 4 and rows[2]["ratio"] == 0.5 and rows[3]["ratio"] == 0.95
+    assert "GPU decode" not in rows[2]["metric"] and "GPU decode" in rows[3]["metric"] and "5%" in rows[3]["metric"]
+
+
 def test_gpu_rows_compare_regional_compile_with_eager():
     t = {"batch": 128, "ours_img_s": 1000.0, "timm_img_s": 1000.0, "ours_mfu": 0.4, "timm_mfu": 0.4}
     c = {**t, "ours_img_s": 1200.0}

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from data_tools.storage import IOPolicy
 from pretrain.config import DataConfig
 from pretrain.data.evalstream import EvalStream, eval_batches_per_worker
+from pretrain.data.gpu_decode import Decoder, DeferredTrainTransform, DeviceBatches
 from pretrain.data.positions import batches_per_rank, unfinished
 from pretrain.data.shards import ShardError, ShardList, resolve_shards
 from pretrain.data.stream import StreamSpec, TrainStream
@@ -56,17 +57,26 @@ def _dataloader(ds, num_workers: int, pin_memory: bool | None, prefetch: int) ->
 class TrainLoader:
     """Training batches of one rank: {"image": uint8 (B, 3, S, S), "label": int64 (B,) or (B, K), "key": [str]}.
 
-    Iterate it once (the iterator is infinite); `state_dict()` describes the batches consumed so far.
+    Iterate it once (the iterator is infinite); `state_dict()` describes the batches consumed so far. With
+    `on_device` (`data.decode=gpu`) each batch's images are assembled on the device before it is handed out.
     """
 
-    def __init__(self, shards: ShardList, spec: StreamSpec, num_workers: int, pin_memory=None, prefetch: int = 2):
+    def __init__(
+        self,
+        shards: ShardList,
+        spec: StreamSpec,
+        num_workers: int,
+        pin_memory=None,
+        prefetch: int = 2,
+        on_device: DeviceBatches | None = None,
+    ):
         if spec.mode == "epoch" and shards.lengths is None:
             raise ShardError(
                 "epoch mode needs per-shard sample counts: use a folder with _info.json or data.mode=resampled"
             )
         self.shards, self.spec, self.num_workers = shards, spec, num_workers
         self.slots = max(1, num_workers)
-        self.pin_memory, self.prefetch = pin_memory, prefetch
+        self.pin_memory, self.prefetch, self.on_device = pin_memory, prefetch, on_device
         self.num_classes, self.class_names = shards.num_classes, shards.class_names
         self._resume: dict | None = None
         self._started = False
@@ -110,9 +120,10 @@ class TrainLoader:
                 except BaseException:
                     _shutdown(it)  # stop the other workers now, rather than at garbage collection
                     raise
-                t1 = time.perf_counter()
-                self._wait += t1 - t0
                 self._consume(batch.pop("_meta"))
+                if self.on_device is not None:  # data.decode=gpu: decoding is part of the wait for data
+                    self._base["bad_samples"] += self.on_device(batch)
+                self._wait += time.perf_counter() - t0
                 self._images += batch["image"].shape[0]
                 yield batch
                 t0 = time.perf_counter()
@@ -296,11 +307,24 @@ def build_train_loader(
     multilabel: bool = False,
     num_workers: int | None = None,
     pin_memory: bool | None = None,
+    device: torch.device | str = "cuda",
+    decoder: Decoder | None = None,
 ) -> TrainLoader:
-    """The training loader of one rank from a `DataConfig` (`cfg.train_shards`, mode, augmentation, ...)."""
+    """The training loader of one rank from a `DataConfig` (`cfg.train_shards`, mode, augmentation, ...).
+
+    `device` and `decoder` serve `data.decode=gpu` only: where the batches are assembled, and the batched JPEG
+    decoder (default nvJPEG on `device`; see `gpu_decode.DeviceBatches`).
+    """
     io = io_policy(cfg)
     shards = resolve_shards(cfg.train_shards, cfg.train_split, count=cfg.mode == "epoch")
-    transform = TrainTransform(img_size, cfg.crop_scale_min, cfg.hflip, cfg.randaugment_ops, cfg.randaugment_magnitude)
+    on_device = None
+    if cfg.decode == "gpu":
+        transform = DeferredTrainTransform(img_size, cfg.crop_scale_min, cfg.hflip)
+        on_device = DeviceBatches(device, decoder)
+    else:
+        transform = TrainTransform(
+            img_size, cfg.crop_scale_min, cfg.hflip, cfg.randaugment_ops, cfg.randaugment_magnitude
+        )
     spec = StreamSpec(
         shards.urls,
         shards.lengths,
@@ -318,7 +342,7 @@ def build_train_loader(
         io=io,
     )
     workers = cfg.num_workers if num_workers is None else num_workers
-    return TrainLoader(shards, spec, workers, pin_memory)
+    return TrainLoader(shards, spec, workers, pin_memory, on_device=on_device)
 
 
 def build_eval_loader(

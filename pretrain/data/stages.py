@@ -7,7 +7,8 @@ webdataset stages), shared by the training stream's two modes and the evaluation
     shuffled        a shuffle buffer (`Shuffler`: its state can be saved and restored)
     replay          resume without a saved buffer: the saved run's draws are passed over without decoding
     augmented       decode and transform each sample with its own seed; a corrupt image is counted and left out
-    batched         fixed-size uint8 batches
+                    (`data.decode=gpu`: JPEGs are only cropped on paper, see `gpu_decode`)
+    batched         fixed-size uint8 batches (and the undecoded JPEGs of `data.decode=gpu`)
 
 Every stage pulls one item at a time from the one before and looks no further ahead, so the counters a batch
 reports are exactly those of the samples drawn up to it.
@@ -26,6 +27,7 @@ import torch
 from data_tools import format as fmt
 from data_tools.storage import IOPolicy, StorageError, is_remote, read_bytes
 from pretrain.data.decode import BadSample, BadShard, RawSample, image_bytes, label_of, read_shard
+from pretrain.data.gpu_decode import JpegCrop, pack_jpegs
 
 log = logging.getLogger("pretrain.data")
 T = TypeVar("T")
@@ -182,7 +184,7 @@ def replay(items: Iterator[T], skip: int, counters: Counters) -> Iterator[tuple[
 
 def augmented(
     items: Iterator[tuple[int, Sample]], transform: Callable, counters: Counters
-) -> Iterator[tuple[int, torch.Tensor, list[int], str]]:
+) -> Iterator[tuple[int, torch.Tensor | JpegCrop, list[int], str]]:
     """`(draws, image, labels, key)`: each sample decoded and transformed with an RNG seeded by its own seed."""
     for drawn, sample in items:
         raw = sample.raw
@@ -203,19 +205,31 @@ def label_tensor(labels: list[list[int]], multilabel: bool) -> torch.Tensor:
 
 
 def batched(
-    items: Iterator[tuple[int, torch.Tensor, list[int], str]], batch_size: int, img_size: int, multilabel: bool
+    items: Iterator[tuple[int, torch.Tensor | JpegCrop, list[int], str]],
+    batch_size: int,
+    img_size: int,
+    multilabel: bool,
 ) -> Iterator[tuple[int, dict]]:
-    """`(draws, {"image": uint8 (B, 3, S, S), "label", "key"})` for every `batch_size` samples."""
-    images, labels, keys = None, [], []
+    """`(draws, {"image": uint8 (B, 3, S, S), "label", "key"})` for every `batch_size` samples.
+
+    Under `data.decode=gpu` an item may be an undecoded `JpegCrop`: its row of "image" is left zero and the batch
+    carries it in "jpeg" (`gpu_decode.pack_jpegs`), for the main process to decode on the device.
+    """
+    images, labels, keys, jpegs = None, [], [], []
     for drawn, img, sample_labels, key in items:
         if images is None:
             # channels-last, like the crop-resize output: each sample is one contiguous copy (a CHW batch would
             # need a slow strided transpose per sample)
             shape = (batch_size, 3, img_size, img_size)
             images = torch.empty(shape, dtype=torch.uint8, memory_format=torch.channels_last)
-        images[len(keys)] = img
+        if isinstance(img, JpegCrop):
+            images[len(keys)] = 0
+            jpegs.append((len(keys), img))
+        else:
+            images[len(keys)] = img
         labels.append(sample_labels)
         keys.append(key)
         if len(keys) == batch_size:
-            yield drawn, {"image": images, "label": label_tensor(labels, multilabel), "key": keys}
-            images, labels, keys = None, [], []
+            batch = {"image": images, "label": label_tensor(labels, multilabel), "key": keys}
+            yield drawn, {**batch, "jpeg": pack_jpegs(jpegs)} if jpegs else batch
+            images, labels, keys, jpegs = None, [], [], []

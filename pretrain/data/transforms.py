@@ -58,7 +58,18 @@ def resized_crop(img: torch.Tensor, top: int, left: int, h: int, w: int, size: i
     `torchvision.transforms.v2.functional.resized_crop` on the CHW tensor, with the same result.
     """
     crop = img[None, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)  # (1, 3, h, w)
-    return torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
+    if crop.is_cpu:
+        return torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
+    return _resize_rounded(crop, size)  # on the GPU (`data.decode=gpu`)
+
+
+def _resize_rounded(crop: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (1, 3, h, w) -> (3, size, size) resized in float32 and rounded: CUDA has no uint8 antialiased kernel.
+
+    Within 1 of the CPU's fixed-point uint8 kernel (tests/test_gpu_decode.py).
+    """
+    out = torch.nn.functional.interpolate(crop.float(), size=(size, size), mode="bilinear", antialias=True)[0]
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _decode_for_crop(data: bytes, w: int, h: int, box: tuple[float, float, float, float], size: int):
@@ -80,12 +91,21 @@ class TrainTransform:
         self.size, self.scale, self.hflip = img_size, (scale_min, 1.0), hflip
         self.randaugment = v2.RandAugment(num_ops=ra_ops, magnitude=ra_mag) if ra_ops > 0 else None
 
+    def draw(self, w: int, h: int, rng: random.Random) -> tuple[tuple[int, int, int, int], bool]:
+        """The crop box (top, left, height, width) of a w x h image and the flip, drawn from `rng` in this order.
+
+        The one home of the draws: the CPU path and `data.decode=gpu` (`gpu_decode.DeferredTrainTransform`) both
+        call it, so both pick the same crop and flip for a sample.
+        """
+        box = crop_params(w, h, self.scale, rng)
+        return box, self.hflip and rng.random() < 0.5
+
     def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
         w, h = image_size(data)
-        box = crop_params(w, h, self.scale, rng)
+        box, flip = self.draw(w, h, rng)
         img, (top, left, ch, cw) = _decode_for_crop(data, w, h, box, self.size)
         out = resized_crop(img, top, left, ch, cw, self.size)
-        if self.hflip and rng.random() < 0.5:
+        if flip:
             out = out.flip(-1)
         if self.randaugment is not None:
             # RandAugment draws from torch's global RNG: fork it so the caller's RNG is untouched, seed per sample

@@ -25,6 +25,7 @@ import torch
 from pretrain.checkpoint_format import tag_for
 from pretrain.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
 from pretrain.data import EvalLoader, TrainLoader, build_eval_loader, build_train_loader, resolve_shards
+from pretrain.data.gpu_decode import require_cuda
 from pretrain.models.vit import ViTArgs, resolve_args, train_flops_per_image
 from pretrain.train import faults
 from pretrain.train.checkpointer import Checkpointer, check_resumable, is_universal, resolve_resume, run_meta
@@ -45,6 +46,7 @@ def preflight(data: DataConfig, model: ModelConfig) -> tuple[int, list[str]]:
     """
     if not data.train_shards:
         raise ConfigError("data.train_shards is empty; point it at the folder `python -m data_tools shard` wrote")
+    require_cuda(data.decode)
     shards = resolve_shards(data.train_shards, data.train_split, count=data.mode == "epoch")
     if data.val_shards:
         resolve_shards(data.val_shards, data.val_split)
@@ -75,9 +77,10 @@ def model_args(model: ModelConfig, num_classes: int) -> ViTArgs:
 
 
 def build_loaders(
-    data: DataConfig, train: TrainConfig, img_size: int, *, seed: int, rank: int, world: int
+    data: DataConfig, train: TrainConfig, img_size: int, *, seed: int, rank: int, world: int, device: torch.device
 ) -> tuple[TrainLoader, EvalLoader | None]:
-    """This rank's training loader and held-out loader (None without `data.val_shards`)."""
+    """This rank's training loader (batches on `device` with `data.decode=gpu`) and held-out loader (None without
+    `data.val_shards`)."""
     multilabel = train.loss == "sigmoid"
     loader = build_train_loader(
         data,
@@ -87,6 +90,7 @@ def build_loaders(
         world_size=world,
         seed=seed,
         multilabel=multilabel,
+        device=device,
     )
     eval_loader = build_eval_loader(
         data, img_size=img_size, batch_size=train.micro_batch_size, rank=rank, world_size=world, multilabel=multilabel
@@ -140,7 +144,7 @@ class Trainer:
             model, cfg, world_size=world, device=device, universal=bool(target) and is_universal(target)
         )
         loader, eval_loader = build_loaders(
-            cfg.data, cfg.train, args.img_size, seed=cfg.run.seed, rank=rank, world=world
+            cfg.data, cfg.train, args.img_size, seed=cfg.run.seed, rank=rank, world=world, device=device
         )
         state = TrainState(cfg.run.seed, rank, world)  # seeds this rank: after the model and the loaders
         checkpointer = Checkpointer(

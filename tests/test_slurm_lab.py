@@ -172,6 +172,7 @@ def test_time_limit_warning_saves_requeues_and_resumes_bit_identical(lab, refere
     # SLURM holds a requeued job for a while (BeginTime, about 2 min) before it may start again: start it now, with
     # a limit long enough that no second warning comes.
     assert requeued["Reason"] == "BeginTime"
+    lab.wait_nodes_released()
     lab.run("scontrol", "update", f"JobId={job}", "TimeLimit=10", "StartTime=now")
     record = lab.wait_ended(job, timeout=400)
     log = job_log(out, job)

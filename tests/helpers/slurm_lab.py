@@ -112,6 +112,16 @@ class SlurmLab:
             at += CHECK_PERIOD_S
         return at
 
+    def wait_nodes_released(self, timeout: float = 60) -> None:
+        """Until no node is still cleaning up a job (COMPLETING), then 2 s more: slurmd revokes an ended job's
+        credential with a timestamp in whole seconds, and a requeued job started on a node within that second is
+        killed as "Job credential revoked" (seen on a loaded machine)."""
+        deadline = time.monotonic() + timeout
+        while "COMPLETING" in self.run("scontrol", "show", "node", "-o").upper():
+            assert time.monotonic() < deadline, f"nodes still COMPLETING after {timeout} s"
+            time.sleep(0.2)
+        time.sleep(2)
+
     def wait_ended(self, job_id: int, timeout: float) -> dict[str, str]:
         """The job's record once it has ended (completed, failed, cancelled or timed out), not merely requeued."""
         ended = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}

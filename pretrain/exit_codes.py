@@ -1,7 +1,14 @@
-"""Exit codes of a launch that a scheduler wrapper tells apart (README, "Faults and exit codes").
+"""Exit codes of a launch that a scheduler wrapper tells apart (README, "Faults and exit codes"), and the signals
+that ask for a stop.
 
-One home for them: the ranks (`pretrain.train`), our launcher (`pretrain.launch`) and `launch/slurm.sbatch` agree.
+One home for them: the ranks (`pretrain.train`), their loader workers, our launcher (`pretrain.launch`) and
+`launch/slurm.sbatch` agree.
 """
+
+import signal
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""Finish the current step, save, exit `PREEMPTED` (SLURM's time limit / scancel, and its early `--signal`)."""
 
 OK = 0
 FAILED = 1

@@ -27,9 +27,9 @@ import sys
 import time
 
 from pretrain import exit_codes
+from pretrain.exit_codes import STOP_SIGNALS
 
 POLL_S = 0.2
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # as `pretrain.train.preemption`'s (that module imports torch)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

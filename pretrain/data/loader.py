@@ -25,6 +25,7 @@ from pretrain.data.positions import batches_per_rank, unfinished
 from pretrain.data.shards import ShardError, ShardList, resolve_shards
 from pretrain.data.stream import StreamSpec, TrainStream
 from pretrain.data.transforms import EvalTransform, TrainTransform
+from pretrain.exit_codes import STOP_SIGNALS
 
 STATE_VERSION = 1
 
@@ -33,7 +34,7 @@ def ignore_stop_signals(worker_id: int) -> None:
     """A worker outlives SIGTERM / SIGUSR1 sent to the whole job (SLURM signals every process of a step): its rank
     still needs batches to finish the current step and save (`pretrain.train.preemption`). Workers end with their
     rank: the DataLoader's shutdown, or its watchdog when the rank is gone."""
-    for s in (signal.SIGTERM, signal.SIGUSR1):
+    for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
 

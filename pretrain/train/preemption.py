@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from pretrain.exit_codes import STOP_SIGNALS
 
 
 class Preempted(Exception):

@@ -130,7 +130,8 @@ def plan(a: argparse.Namespace) -> list[Row]:
                 Row(
                     f"memory per GPU, ZeRO-{stage}, grad ckpt {'on' if ckpt else 'off'}, micro-batch {micro}",
                     f"{total:,.1f} GiB ({fits} in {GPU_MEMORY_GIB[gpu]})",
-                    "derived: 16 B/param ZeRO accounting + bf16 activations (flash attention)",
+                    "derived: 16 B/param ZeRO accounting + bf16 activations (flash attention), "
+                    "both checked on CPU (BENCHMARKS.md)",
                 )
             )
     ckpt_gb = CHECKPOINT_BYTES_PER_PARAM * n / 1e9

@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.models.specs import SPECS, TIMM_NAMES, ViTArgs, get_spec, spec_of_shape
 from pretrain.models.vit import create_vit, param_shapes, resize_pos_embed, resolve_args, train_flops_per_image
+from tests.helpers.saved_bytes import saved_for_backward_bytes
 
 timm = pytest.importorskip("timm")
 
@@ -79,28 +80,15 @@ def test_grad_checkpointing_same_loss_and_grads(every):
 
 
 def _saved_activation_bytes(model: torch.nn.Module, every: int) -> int:
-    """Bytes autograd saves for backward in one forward (unique storages, parameters excluded), as its
-    saved-tensor hooks see them; checkpointed blocks save through their own hooks and are left out, so their inputs
-    (which the checkpoint keeps for the recomputation) are added: one (B, N, D) tensor per checkpointed block."""
+    """Bytes autograd saves for backward in one forward; checkpointed blocks are not seen by the hooks, so their
+    inputs (which the checkpoint keeps for the recomputation) are added: one (B, N, D) tensor per checkpointed block."""
     model.set_grad_checkpointing(every > 0, every=max(every, 1))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            saved[st.data_ptr()] = st.nbytes()
-        return t
-
     torch.manual_seed(0)
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-    loss.backward()
+    x = torch.randn(8, 3, 32, 32)
     a = model.args
     tokens = 1 + (a.img_size // a.patch_size) ** 2
     kept_inputs = (a.depth // every if every else 0) * x.shape[0] * tokens * a.embed_dim * x.element_size()
-    return sum(saved.values()) + kept_inputs
+    return saved_for_backward_bytes(model, x) + kept_inputs
 
 
 def test_grad_checkpointing_lowers_saved_activations():

@@ -119,6 +119,58 @@ def test_gpu_rows_compare_regional_compile_with_eager():
     assert "SDPA: flash_attention, efficient_attention" in rows[2]["metric"]
 
 
+# ------------------------------------------------------------------------------------ bench_gpu, every stage on CPU
+
+SMOKE_STAGES = ["throughput", "sdpa", "compiled", "stream", "stream_gpu", "max_batch"]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_every_stage_on_cpu_and_a_failed_stage_loses_nothing(tmp_path, monkeypatch, capsys):
+    # The CUDA path has never run; this runs all of its code but the CUDA-only lines, so the first GPU lease is not
+    # spent on a typo. One stage is made to fail after doing its work: the others must still report.
+    sdpa = bench_gpu.sdpa_backends
+
+    def failing_sdpa(*a, **k):
+        sdpa(*a, **k)
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(bench_gpu, "sdpa_backends", failing_sdpa)
+    partial = tmp_path / "partial.json"
+    assert bench_gpu.main(["--smoke", "--partial", str(partial)]) == 1  # 1: a stage failed
+    printed = capsys.readouterr().out
+    result = json.loads(printed[: printed.rindex("}") + 1])
+    assert json.loads(partial.read_text()) == result  # the file after the last stage is the whole result
+    assert list(result["seconds"]) == [f"{s} {bench_gpu.SMOKE_MODEL}" for s in SMOKE_STAGES]
+    assert result["errors"] == {f"sdpa {bench_gpu.SMOKE_MODEL}": "RuntimeError: injected"}
+    r = result["models"][bench_gpu.SMOKE_MODEL]
+    assert sorted(r) == sorted(s for s in SMOKE_STAGES if s != "sdpa")
+    assert r["stream"]["decode"] == "cpu" and r["stream_gpu"]["decode"] == "gpu"
+    assert r["max_batch"] == {"off": 32, "on": 32}  # nothing runs out of memory on the CPU: the search's cap
+    rows = bench_gpu.rows(result)
+    ratios = [x["ratio"] for x in rows if x["unit"] == "images/s"]  # ours vs timm, compiled, two streams
+    assert len(ratios) == 4 and all(x is not None and x > 0 for x in ratios)
+    assert rows[-1]["metric"] == f"sdpa {bench_gpu.SMOKE_MODEL}: error: RuntimeError: injected"
+    assert "(SDPA: ?)" in rows[2]["metric"]
+
+
+def test_gpu_benchmark_skips_the_stages_left_when_its_budget_is_spent(monkeypatch):
+    monkeypatch.setenv("BENCH_GPU_BUDGET_S", "0")  # spent before the first stage: every stage is listed, none runs
+    result = bench_gpu.run(smoke=True)
+    expected = [f"{s} {bench_gpu.SMOKE_MODEL}" for s in SMOKE_STAGES]
+    assert result["skipped_stages"] == expected and result["models"] == {bench_gpu.SMOKE_MODEL: {}}
+    assert [x["metric"] for x in bench_gpu.rows(result)] == [
+        f"{k}: skipped (time budget of 0 s spent)" for k in expected
+    ]
+
+
+def test_gpu_benchmark_stage_order_puts_the_headline_first():
+    plan = bench_gpu.make_plan(True, (), workers=4)
+    order = bench_gpu.stages(plan, compile_=False)
+    assert order[:3] == [("throughput", m) for m in bench_gpu.MODELS]  # MFU of B, L, H before anything else
+    assert {m for s, m in order if s in ("stream", "stream_gpu", "max_batch")} == {"vit_large_patch16"}  # quick
+    assert not any(s == "compiled" for s, _ in bench_gpu.stages(plan, compile_=True))  # all compiled: no pair
+
+
 # ------------------------------------------------------------------------------------------ the suite
 
 

@@ -113,7 +113,8 @@ def _verify(args: argparse.Namespace) -> int:
     if len(report["problems"]) > 100:
         print(f"... and {len(report['problems']) - 100} more problems")
     status = "OK" if report["ok"] else f"FAILED: {len(report['problems'])} problems"
-    print(f"{args.out}: {report['samples']:,} samples in {report['shards']} shards decoded; {status}")
+    indexes = f" ({report['indexes']} of {report['shards']} sample indexes checked)"
+    print(f"{args.out}: {report['samples']:,} samples in {report['shards']} shards decoded; {status}{indexes}")
     return 0 if report["ok"] else 1
 
 

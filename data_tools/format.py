@@ -173,22 +173,40 @@ def parse_index(raw: bytes) -> list[int]:
     return offsets
 
 
-def scan_index(fileobj) -> list[int]:
-    """The index of a tar read as a stream: where each sample (a run of members sharing a key) starts.
+class IndexBuilder:
+    """The sample index of a tar read member by member (`add` each header in order, then `offsets`).
 
-    Samples are grouped as a reader groups them: regular members only, ignored (`__`) members skipped.
+    Samples are grouped as a reader groups them: regular members only, ignored (`__`) members skipped, a new sample
+    wherever the key changes. The shard writer and `verify` both build indexes with it.
     """
-    offsets, last, end = [], None, 0
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.end = 0
+        self._last: str | None = None
+
+    def add(self, member: tarfile.TarInfo) -> None:
+        """Account for the next member header of the tar."""
+        if member.isreg() and not is_ignored(member.name):
+            key = split_name(member.name)[0]
+            if key != self._last:
+                self.starts.append(member.offset)
+                self._last = key
+            self.end = member.offset_data + -(-member.size // 512) * 512
+
+    def offsets(self) -> list[int]:
+        """Where each sample starts, then where the last one ends (the index file's numbers)."""
+        return self.starts + [self.end]
+
+
+def scan_index(fileobj) -> list[int]:
+    """The index of a tar read as a stream: where each sample (a run of members sharing a key) starts."""
+    index = IndexBuilder()
     with tarfile.open(fileobj=fileobj, mode="r|") as tar:
         for member in tar:
-            if member.isreg() and not is_ignored(member.name):
-                key = split_name(member.name)[0]
-                if key != last:
-                    offsets.append(member.offset)
-                    last = key
-                end = member.offset_data + -(-member.size // 512) * 512
+            index.add(member)
             tar.members = []  # tarfile keeps every header otherwise
-    return offsets + [end]
+    return index.offsets()
 
 
 # ----------------------------------------------------------------------------------------------- _info.json

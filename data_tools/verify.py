@@ -3,6 +3,8 @@
 Works on any shards in the format of `format.py` (the public ImageNet WebDataset layout, KEY.<image> + KEY.cls
 [+ KEY.json], with timm's `_info.json`). Member names, image extensions and the `.cls` rule (multi-label `3,7`
 included) are the training stream's, from that one module. The class-name check runs when `class_names` is present.
+A shard's sample index (`<shard>.idx`, byte offsets for random access) is optional; where there is one, it must match
+the shard, because a resume over HTTP or S3 seeks by it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def verify(out: str | os.PathLike, *, workers: int | None = None, progress: bool
     """Check every shard listed in `OUT/_info.json`.
 
     Returns:
-        {"ok": bool, "samples": decoded samples, "shards": shards read, "problems": ["shard: key: what", ...]}.
+        {"ok": bool, "samples": decoded samples, "shards": shards read, "indexes": sample indexes (`.idx`) checked
+        against their shard, "problems": ["shard: key: what", ...]}.
 
     Raises:
         DataToolsError: OUT has no readable `_info.json`.
@@ -71,11 +74,12 @@ def verify(out: str | os.PathLike, *, workers: int | None = None, progress: bool
         if f.endswith(".tar") and f not in listed:
             problems.append(f"{f}: shard file not listed in {fmt.INFO}")
 
-    samples, hashes, owners, done_files = 0, [], [], []
+    samples, hashes, owners, done_files, indexes = 0, [], [], [], 0
     desc = f"verify {str(out).rsplit('/', 1)[-1]}"
     with tqdm(total=len(tasks), unit="shard", desc=desc, disable=not progress) as bar:
         for i, result in enumerate(run_tasks(_verify_shard, tasks, workers or default_workers(), _init, (ctx,))):
             samples += result["count"]
+            indexes += result["index"]
             problems += result["problems"]
             hashes.append(result["key_hashes"])
             done_files.append(result["file"])
@@ -83,7 +87,7 @@ def verify(out: str | os.PathLike, *, workers: int | None = None, progress: bool
             bar.update(1)
             bar.set_postfix(samples=samples, problems=len(problems))
     problems += _duplicate_keys(hashes, owners, done_files)
-    return {"ok": not problems, "samples": samples, "shards": len(tasks), "problems": problems}
+    return {"ok": not problems, "samples": samples, "shards": len(tasks), "indexes": indexes, "problems": problems}
 
 
 def _key_hash(key: str) -> int:
@@ -113,12 +117,15 @@ def _verify_shard(task: tuple[str, int | None]) -> dict:
     keys: list[str] = []
     path = storage.join(str(ctx.out), filename)
     if not storage.is_remote(path) and not Path(path).is_file():
-        return {"file": filename, "count": 0, "problems": [f"{filename}: missing"], "key_hashes": np.zeros(0, np.int64)}
+        missing = [f"{filename}: missing"]
+        return {"file": filename, "count": 0, "problems": missing, "key_hashes": np.zeros(0, np.int64), "index": False}
+    index, read_whole = fmt.IndexBuilder(), False
     try:
         with storage.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tf:
             sample: dict[str, bytes] = {}
             key = None
             for member in tf:
+                index.add(member)
                 if not member.isfile() or fmt.is_ignored(member.name):
                     continue
                 if not fmt.has_key_form(member.name):
@@ -134,14 +141,41 @@ def _verify_shard(task: tuple[str, int | None]) -> dict:
             if key is not None:
                 problems += _check_sample(filename, key, sample)
                 keys.append(key)
+        read_whole = True
     except (tarfile.TarError, OSError, EOFError) as e:
         problems.append(f"{filename}: unreadable tar after {len(keys)} samples ({type(e).__name__}: {e})")
     if len(set(keys)) != len(keys):
         problems.append(f"{filename}: {len(keys) - len(set(keys))} keys appear twice in this shard")
     if expected is not None and len(keys) != expected:
         problems.append(f"{filename}: holds {len(keys)} samples, {fmt.INFO} says {expected}")
+    checked = read_whole and _check_index(path, filename, index.offsets(), problems)
     hashes = np.array([_key_hash(k) for k in set(keys)], dtype=np.int64)
-    return {"file": filename, "count": len(keys), "problems": problems, "key_hashes": hashes}
+    return {"file": filename, "count": len(keys), "problems": problems, "key_hashes": hashes, "index": checked}
+
+
+def _check_index(path: str, filename: str, offsets: list[int], problems: list[str]) -> bool:
+    """Compare the shard's sample index (`<shard>.idx`, if it has one) with the offsets just read; False if none.
+
+    A stale index would make a resume over HTTP or S3 start its reads at the wrong samples.
+    """
+    name = fmt.index_name(filename)
+    try:
+        raw = storage.read_bytes(fmt.index_name(path))
+    except (FileNotFoundError, storage.StorageError):
+        return False  # optional: the stream reads a shard without one from its start
+    try:
+        stored = fmt.parse_index(raw)
+    except fmt.FormatError as e:
+        problems.append(f"{name}: {e}")
+        return True
+    if stored != offsets:
+        first = next((i for i, (a, b) in enumerate(zip(stored, offsets, strict=False)) if a != b), None)
+        where = f"differs from sample {first} on" if first is not None else "has another length"
+        problems.append(
+            f"{name}: does not match its shard ({len(stored) - 1} samples indexed, {len(offsets) - 1} read; "
+            f"{where}); re-run `data_tools shard`"
+        )
+    return True
 
 
 def _check_sample(filename: str, key: str, sample: dict[str, bytes]) -> list[str]:

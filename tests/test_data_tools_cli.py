@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
+from pathlib import Path
 
 from webdataset.writer import TarWriter
 
+from data_tools import format as fmt
 from data_tools.__main__ import main
 
 
@@ -101,11 +103,34 @@ def test_shard_cli_prints_summary_with_patterns(capsys, digits_dir, tmp_path):
 
 def test_verify_passes_on_good_shards(capsys, digits_shards):
     code, out, _ = run(capsys, "verify", digits_shards, "--workers", "2", "--no-progress")
-    assert code == 0 and "1,797 samples in 10 shards decoded; OK" in out
+    assert code == 0 and "1,797 samples in 10 shards decoded; OK (10 of 10 sample indexes checked)" in out
 
 
-def _rewrite_shard(path, edit) -> None:
-    """Rewrite a shard, passing each sample dict through `edit` (returns the sample or None to drop it)."""
+def test_verify_checks_each_sample_index_against_its_shard(capsys, digits_shards, tmp_path):
+    out = tmp_path / "idx"
+    shutil.copytree(digits_shards, out)
+    _rewrite_shard(out / "train-000001.tar", lambda i, s: None if i == 5 else s, reindex=False)  # index now stale
+    (out / "train-000002.tar.idx").write_bytes(b"garbage")
+    (out / "train-000003.tar.idx").unlink()  # optional: nothing to check
+    with open(out / "train-000004.tar", "rb") as f:  # the writer's index is the one verify expects
+        assert fmt.index_bytes(fmt.scan_index(f)) == (out / "train-000004.tar.idx").read_bytes()
+    lengths = json.loads((out / "_info.json").read_text())["splits"]["train"]["shard_lengths"]
+    lengths[1] -= 1  # keep the count check quiet: only the index is wrong
+    info = json.loads((out / "_info.json").read_text())
+    info["splits"]["train"]["shard_lengths"] = lengths
+    info["splits"]["train"]["num_samples"] -= 1
+    (out / "_info.json").write_text(json.dumps(info))
+    code, text, _ = run(capsys, "verify", out, "--no-progress", "--workers", "1")
+    assert code == 1
+    n = lengths[1]
+    assert f"train-000001.tar.idx: does not match its shard ({n + 1} samples indexed, {n} read; differs" in text
+    assert "train-000002.tar.idx: not a shard index (bad magic or length)" in text
+    assert "FAILED: 2 problems (9 of 10 sample indexes checked)" in text
+
+
+def _rewrite_shard(path, edit, reindex: bool = True) -> None:
+    """Rewrite a shard, passing each sample dict through `edit` (returns the sample or None to drop it), and its
+    sample index as the writer does (unless `reindex` is False: a stale index)."""
     samples, cur = [], {}
     with tarfile.open(path) as tf:
         for m in tf.getmembers():
@@ -121,6 +146,9 @@ def _rewrite_shard(path, edit) -> None:
             s = edit(i, s)
             if s is not None:
                 tw.write(s)
+    if reindex:
+        with open(path, "rb") as f:
+            Path(fmt.index_name(str(path))).write_bytes(fmt.index_bytes(fmt.scan_index(f)))
 
 
 def test_verify_reports_shard_and_key_of_each_problem(capsys, digits_shards, tmp_path):

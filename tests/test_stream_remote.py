@@ -123,7 +123,8 @@ def test_data_tools_shard_to_s3_then_info_and_verify_over_s3_and_http(digits_dir
     assert data_tools_main(["verify", url, "--workers", "1", "--no-progress"]) == 0
     with ShardServer(digits_shards) as srv:
         assert describe(srv.url + "/")["splits"] == describe(digits_shards)["splits"]  # bytes, counts, nothing missing
-        assert verify(srv.url + "/", workers=1, progress=False)["ok"]
+        report = verify(srv.url + "/", workers=1, progress=False)
+        assert report["ok"] and report["indexes"] == report["shards"] == 10  # each .idx read over HTTP and checked
     assert data_tools_main(["shard", str(digits_dir), "http://127.0.0.1:1/x/", "--no-progress"]) == 2  # no output
 
 

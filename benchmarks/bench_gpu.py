@@ -14,10 +14,10 @@ stage by stage, headline figures first (`stages`):
    Targets: NVIDIA NeMo's ViT at about 45% MFU on A100 and 29% on H100 (derived from its published throughput,
    not measured here), and at least 50% on H100 for ViT-L/16.
 2. `sdpa`: the SDPA kernels usable for each model's attention shapes.
-3. `compiled`: our step with regional compilation of the blocks (`train.compile`) against its eager figure.
-4. `stream`, `stream_gpu`: the step fed by the real input stream (`pretrain.data.build_train_loader` on JPEG shards
+3. `stream`, `stream_gpu`: the step fed by the real input stream (`pretrain.data.build_train_loader` on JPEG shards
    made here by `data_tools`), JPEGs decoded in the workers or with `data.decode=gpu` (nvJPEG in this process):
    images/s against the synthetic figure, and the loader's data-wait fraction.
+4. `compiled`: our step with regional compilation of the blocks (`train.compile`) against its eager figure.
 5. `max_batch`: the largest micro-batch that fits, with and without gradient checkpointing.
 
 A stage that fails is reported and the next one runs; `--budget-s` (or $BENCH_GPU_BUDGET_S) skips the stages left
@@ -141,11 +141,10 @@ def stages(plan: Plan, compile_: bool) -> list[tuple[str, str]]:
     """(stage, model) in the order they run: the headline figures first, so that a spent time budget skips the
     least important ones."""
     out = [("throughput", m) for m in plan.models] + [("sdpa", m) for m in plan.models]
-    if not compile_:  # eager vs regional compile of the same step
+    out += [(s, m) for m in plan.detail_models for s in ("stream", "stream_gpu")]  # is the GPU fed?
+    if not compile_:  # eager vs regional compile of the same step: a minute or more of compiling each
         out += [("compiled", m) for m in plan.models]
-    for m in plan.detail_models:
-        out += [("stream", m), ("stream_gpu", m), ("max_batch", m)]
-    return out
+    return out + [("max_batch", m) for m in plan.detail_models]  # about 20 trial steps each
 
 
 def _stage_runners(plan: Plan, setup: Setup, compile_: bool, models: dict) -> dict[str, Callable[[str], object]]:

@@ -121,7 +121,7 @@ def test_gpu_rows_compare_regional_compile_with_eager():
 
 # ------------------------------------------------------------------------------------ bench_gpu, every stage on CPU
 
-SMOKE_STAGES = ["throughput", "sdpa", "compiled", "stream", "stream_gpu", "max_batch"]
+SMOKE_STAGES = ["throughput", "sdpa", "stream", "stream_gpu", "compiled", "max_batch"]
 
 
 @pytest.mark.slow
@@ -150,7 +150,7 @@ def test_gpu_benchmark_runs_every_stage_on_cpu_and_a_failed_stage_loses_nothing(
     ratios = [x["ratio"] for x in rows if x["unit"] == "images/s"]  # ours vs timm, compiled, two streams
     assert len(ratios) == 4 and all(x is not None and x > 0 for x in ratios)
     assert rows[-1]["metric"] == f"sdpa {bench_gpu.SMOKE_MODEL}: error: RuntimeError: injected"
-    assert "(SDPA: ?)" in rows[2]["metric"]
+    assert "(SDPA: ?)" in rows[2]["metric"]  # rows: throughput, MFU, compiled, max_batch, stream, stream_gpu, error
 
 
 def test_gpu_benchmark_skips_the_stages_left_when_its_budget_is_spent(monkeypatch):
@@ -168,6 +168,7 @@ def test_gpu_benchmark_stage_order_puts_the_headline_first():
     order = bench_gpu.stages(plan, compile_=False)
     assert order[:3] == [("throughput", m) for m in bench_gpu.MODELS]  # MFU of B, L, H before anything else
     assert {m for s, m in order if s in ("stream", "stream_gpu", "max_batch")} == {"vit_large_patch16"}  # quick
+    assert order[-1] == ("max_batch", "vit_large_patch16")  # the slowest figure and the least needed, last
     assert not any(s == "compiled" for s, _ in bench_gpu.stages(plan, compile_=True))  # all compiled: no pair
 
 

@@ -223,3 +223,32 @@ def test_remote_shards_without_an_index_are_read_from_their_start(digits_shards,
         it.close()
     assert same_batches(got, epoch[k : k + 2])  # the same batches, at the price of the bytes before the samples
     assert "no sample index for" in caplog.text
+
+
+def test_resampled_resume_reads_the_shuffle_buffer_not_the_run(digits_shards):
+    """Resampled mode (0 workers, exact bytes): the held samples by random access and the current shard from the
+    saved sample on, instead of every shard drawn since the start."""
+    k, shard_max = 100, 200  # batches before the save (1,600 samples: far above the buffer bound); largest shard
+    cfg = cfg_for(digits_shards, mode="resampled")
+    loader = build_train_loader(cfg, img_size=16, batch_size=BS, num_workers=0)
+    it = iter(loader)
+    for _ in range(k):
+        next(it)
+    state = loader.state_dict()
+    expected = [next(it), next(it)]
+    it.close()
+    replay_state = {**state, "workers": [{**w, "buffer": None} for w in state["workers"]]}
+    reads = {}
+    with ShardServer(digits_shards) as srv:
+        for name, st in (("buffer", state), ("replay", replay_state)):
+            cfg = remote_cfg(srv.url + "/", mode="resampled")
+            loader = build_train_loader(cfg, img_size=16, batch_size=BS, num_workers=0)
+            loader.load_state_dict(st)
+            srv.reset_counts()
+            it = iter(loader)
+            got = [next(it), next(it)]
+            reads[name] = touched(srv.log, digits_shards)
+            it.close()
+            assert same_batches(got, expected), name  # bit-identical after resume
+    assert reads["buffer"] <= BUFFER + 2 * shard_max + 2 * BS  # held samples, the rest of the shard, the next one
+    assert reads["replay"] >= k * BS  # replay re-reads every sample drawn before the checkpoint

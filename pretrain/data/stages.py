@@ -65,8 +65,9 @@ class Counters:
 class Sample(NamedTuple):
     """A raw sample on its way to a batch."""
 
-    v: int
-    """Virtual position in the epoch (epoch mode) or draw number (resampled mode)."""
+    v: int | tuple[int, int, int]
+    """Virtual position in the epoch (epoch mode), or (n, shard, index in shard) in resampled mode: the n-th good
+    sample drawn, and where to fetch it again."""
     seed: int
     """Seed of the sample's augmentation RNG."""
     raw: RawSample
@@ -233,3 +234,14 @@ def batched(
             batch = {"image": images, "label": label_tensor(labels, multilabel), "key": keys}
             yield drawn, {**batch, "jpeg": pack_jpegs(jpegs)} if jpegs else batch
             images, labels, keys, jpegs = None, [], [], []
+
+
+def runs_of(indexes: list[int]) -> list[tuple[int, int]]:
+    """Sorted integers as half-open runs of consecutive ones: [1, 2, 3, 7] -> [(1, 4), (7, 8)]."""
+    out: list[tuple[int, int]] = []
+    for i in indexes:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out

@@ -12,7 +12,8 @@ Each batch carries, per worker, a watermark (every position of the worker's rang
 buffer), the number of raw samples drawn so far, the bad-data counters, and the shuffle buffer's state (the
 positions it holds, its RNG, the read cursor); `loader.TrainLoader` turns these into its state_dict. A resume
 fetches the held positions by random access (`<shard>.idx` offsets for remote shards) and reads on from the
-cursor: O(buffer) bytes, not O(position). A state without the buffer (resampled mode) is replayed instead.
+cursor: O(buffer) bytes, not O(position). Resampled mode does the same with its own source (`resampled.py`). A state
+without the buffer (saved before it existed) is replayed instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data_tools.storage import IO_STATS, IOPolicy
 from pretrain.data.positions import batches_per_rank, epoch_offsets, mix, slot_range, virtual_runs, worker_quotas
+from pretrain.data.resampled import ShardDraws, set_rng_state
 from pretrain.data.stages import (
     Counters,
     Indexes,
@@ -37,8 +39,8 @@ from pretrain.data.stages import (
     batched,
     labelled,
     replay,
+    runs_of,
     shard_samples,
-    shuffled,
 )
 
 
@@ -136,15 +138,15 @@ class TrainStream(IterableDataset):
             w = (w + self.resume.get("shift", 0)) % self.slots
             stored = (self.resume.get("counters") or [None] * self.slots)[w]
         self.counters = Counters(**stored) if stored else Counters()  # per epoch; the main process sums them
+        skip = (self.resume.get("skip_raw") or [0] * self.slots)[w] if resuming else 0
+        buffer = (self.resume.get("buffers") or [None] * self.slots)[w] if skip else None
         if self.spec.mode == "resampled":
-            yield from self._resampled(w)
+            yield from self._resampled(w, skip, buffer)
             return
-        buffer = None
         if resuming:
-            segment, skip, made = self.resume["segment"], self.resume["skip_raw"][w], self.resume["skip_batches"][w]
-            buffer = (self.resume.get("buffers") or [None] * self.slots)[w] if skip else None
+            segment, made = self.resume["segment"], self.resume["skip_batches"][w]
         else:
-            segment, skip, made = [[0, sum(self.spec.lengths)]], 0, 0
+            segment, made = [[0, sum(self.spec.lengths)]], 0
         yield from self._epoch(epoch, segment, w, skip, made, buffer)
 
     # ------------------------------------------------------------------------------------------- epoch mode
@@ -169,7 +171,7 @@ class TrainStream(IterableDataset):
         shuffler = Shuffler(s.shuffle_buffer, random.Random(mix(s.seed, epoch, s.rank * self.slots + w)))
         if buffer is not None:  # resume: refill the shuffle buffer by random access, read on from the cursor
             shuffler.buf[:] = self._fetch(epoch, segment, buffer["held"], order, offsets)
-            shuffler.rng.setstate((buffer["rng"][0], tuple(buffer["rng"][1]), buffer["rng"][2]))
+            set_rng_state(shuffler.rng, buffer["rng"])
             shuffler.flushing, cursor.next = buffer["flushing"], buffer["cursor"]
             finished.restore(v1 if shuffler.flushing else cursor.next, buffer["held"])  # flushing: all read
         # The pipeline. If bad samples leave the slot short, it borrows the positions after its range (unshuffled;
@@ -215,7 +217,7 @@ class TrainStream(IterableDataset):
         got: dict[int, Sample] = {}
         for k, at in sorted(wanted.items()):
             url, idx = s.urls[order[k]], self.indexes.get(s.urls[order[k]])
-            runs = _runs(sorted(at)) if idx is not None else [(min(at), max(at) + 1)]
+            runs = runs_of(sorted(at)) if idx is not None else [(min(at), max(at) + 1)]
             for i0, i1 in runs:
                 for i, raw in shard_samples(url, i0, i1, c, s.max_bad_shards, idx, s.io):
                     labels = labelled(raw, c) if i in at else None
@@ -259,46 +261,27 @@ class TrainStream(IterableDataset):
 
     # ------------------------------------------------------------------------------------------- resampled
 
-    def _resampled(self, w: int) -> Iterator[dict]:
+    def _resampled(self, w: int, skip: int, buffer: dict | None) -> Iterator[dict]:
         s, c = self.spec, self.counters
-        skip = int((self.resume.get("skip_raw") or [0] * self.slots)[w])
         reseed = int(self.resume.get("reseed", 0))
-        shard_rng = random.Random(mix(s.seed, s.rank, w, reseed))
-        buffer_rng = random.Random(mix(s.seed, s.rank, w, reseed, 1))
+        source = ShardDraws(s, c, self.indexes, (s.seed, s.rank, w, reseed))  # whole shards, with replacement
+        shuffler = Shuffler(s.shuffle_buffer, random.Random(mix(s.seed, s.rank, w, reseed, 1)))
+        if buffer is not None:  # resume: refill the shuffle buffer by random access, read on where the source stood
+            shuffler.buf[:] = source.fetch(buffer["held"])
+            set_rng_state(shuffler.rng, buffer["rng"])
+            source.restore(buffer["source"])
         # The pipeline: as in epoch mode, with whole shards drawn with replacement as the source.
-        samples = self._drawn_shards(shard_rng, (s.seed, s.rank, w, reseed))
-        samples = shuffled(samples, s.shuffle_buffer, buffer_rng)
-        drawn = replay(samples, skip, c)  # resume: pass over the saved run's draws undecoded
+        samples = shuffler(iter(source))
+        if buffer is None:
+            drawn = replay(samples, skip, c)  # resume without a saved buffer: pass over the saved draws undecoded
+        else:
+            drawn = ((skip + i, x) for i, x in enumerate(samples, 1))
         images = augmented(drawn, s.transform, c)  # decode + augment, seeded per sample
         for draws, batch in batched(images, s.batch_size, s.img_size, s.multilabel):
-            meta = {"worker": w, "epoch": 0, "watermark": 0, "raw": draws, "buffer": None}
+            state = {"held": [list(x.v) for x in shuffler.buf], "rng": list(shuffler.rng.getstate())}
+            state["source"] = source.state()
+            meta = {"worker": w, "epoch": 0, "watermark": 0, "raw": draws, "buffer": state}
             yield {**batch, "_meta": {**meta, **c.as_dict(), **_io()}}
-
-    def _drawn_shards(self, rng: random.Random, seed_of: tuple[int, ...]) -> Iterator[Sample]:
-        """Samples of whole shards drawn with replacement; sample n (from 1) is seeded by (*seed_of, n)."""
-        s, c = self.spec, self.counters
-        n, empty = 0, 0
-        while True:
-            url, got = s.urls[rng.randrange(len(s.urls))], 0
-            for _, raw in shard_samples(url, 0, None, c, s.max_bad_shards, policy=s.io):
-                labels = labelled(raw, c)
-                if labels is not None:
-                    got, n = got + 1, n + 1
-                    yield Sample(n, mix(*seed_of, n), raw, labels)
-            empty = 0 if got else empty + 1
-            if empty > 2 * len(s.urls) + 10:
-                raise RuntimeError(f"no readable samples in {len(s.urls)} shards (e.g. {url})")
-
-
-def _runs(indexes: list[int]) -> list[tuple[int, int]]:
-    """Sorted integers as half-open runs of consecutive ones: [1, 2, 3, 7] -> [(1, 4), (7, 8)]."""
-    out: list[tuple[int, int]] = []
-    for i in indexes:
-        if out and out[-1][1] == i:
-            out[-1] = (out[-1][0], i + 1)
-        else:
-            out.append((i, i + 1))
-    return out
 
 
 def _io() -> dict:

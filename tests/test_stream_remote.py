@@ -17,7 +17,7 @@ from data_tools.__main__ import main as data_tools_main
 from data_tools.info import describe
 from data_tools.storage import IOPolicy, read_bytes
 from data_tools.verify import verify
-from pretrain.data import build_train_loader, resolve_shards
+from pretrain.data import build_eval_loader, build_train_loader, resolve_shards
 from pretrain.data.decode import BadShard, read_shard
 from tests.helpers.servers import FaultProxy, MotoServer, ShardServer
 from tests.test_stream import BS, cfg_for, run
@@ -252,3 +252,26 @@ def test_resampled_resume_reads_the_shuffle_buffer_not_the_run(digits_shards):
             assert same_batches(got, expected), name  # bit-identical after resume
     assert reads["buffer"] <= BUFFER + 2 * shard_max + 2 * BS  # held samples, the rest of the shard, the next one
     assert reads["replay"] >= k * BS  # replay re-reads every sample drawn before the checkpoint
+
+
+def test_remote_eval_reads_each_held_out_sample_once(digits_shards):
+    """3 ranks split the 50 val samples of one shard; each reads its block by the shard's index, not from the start."""
+    local = [
+        list(build_eval_loader(cfg_for(digits_shards), img_size=16, batch_size=BS, rank=r, world_size=3, num_workers=0))
+        for r in range(3)
+    ]
+    with ShardServer(digits_shards) as srv:
+        srv.reset_counts()
+        cfg = remote_cfg(srv.url + "/")
+        remote = [
+            list(build_eval_loader(cfg, img_size=16, batch_size=BS, rank=r, world_size=3, num_workers=0))
+            for r in range(3)
+        ]
+        served = sum(b - a for path, a, b in srv.log if path.endswith(".tar"))
+    offsets = fmt.parse_index((digits_shards / "val-000000.tar.idx").read_bytes())
+    for a, b in zip(local, remote, strict=True):
+        assert len(a) == len(b) and all(
+            x["key"] == y["key"] and torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
+            for x, y in zip(a, b, strict=True)
+        )
+    assert served == offsets[-1] - offsets[0]  # every byte once; before, ranks 1 and 2 read from the shard's start

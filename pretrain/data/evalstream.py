@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pretrain.data.decode import BadSample, image_bytes, label_of
-from pretrain.data.stages import Counters, label_tensor, shard_samples
+from pretrain.data.stages import Counters, Indexes, label_tensor, shard_samples
 from pretrain.data.stream import StreamSpec
 
 
@@ -30,6 +30,7 @@ class EvalStream(IterableDataset):
     def __init__(self, spec: StreamSpec, num_workers: int):
         self.spec, self.slots = spec, max(1, num_workers)
         self.counters = Counters()
+        self.indexes = Indexes(spec.io)  # remote shards: read only the slot's samples, not the shard up to them
 
     def __iter__(self) -> Iterator[dict]:
         s = self.spec
@@ -74,8 +75,8 @@ class EvalStream(IterableDataset):
             while offsets[k + 1] <= g:
                 k += 1
             i0, i1 = g - offsets[k], min(b, offsets[k + 1]) - offsets[k]
-            seen = i0
-            for i, raw in shard_samples(s.urls[k], i0, i1, c, s.max_bad_shards, policy=s.io):
+            seen, index = i0, self.indexes.get(s.urls[k])
+            for i, raw in shard_samples(s.urls[k], i0, i1, c, s.max_bad_shards, index, s.io):
                 seen = i + 1
                 try:
                     labels = label_of(raw)

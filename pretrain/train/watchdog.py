@@ -22,6 +22,10 @@ from datetime import timedelta
 from pretrain import exit_codes
 
 
+class NoHeartbeats(Exception):
+    """The launch gives no address of the rendezvous store (MASTER_ADDR / MASTER_PORT)."""
+
+
 class Watchdog:
     """Ends this process when a phase named by `phase()` runs longer than `timeout_s` (0: never).
 
@@ -59,9 +63,12 @@ class Watchdog:
         if self._store is None and self.world_size > 1:
             import torch.distributed as dist
 
+            addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+            if not addr or not port:  # a launch without env:// rendezvous variables: no heartbeats
+                raise NoHeartbeats("MASTER_ADDR and MASTER_PORT are not set, so the ranks' heartbeats are not kept")
             self._store = dist.TCPStore(
-                os.environ["MASTER_ADDR"],
-                int(os.environ["MASTER_PORT"]),
+                addr,
+                int(port),
                 is_master=False,
                 timeout=timedelta(seconds=2 * self.beat_s),
                 wait_for_workers=False,
@@ -87,6 +94,8 @@ class Watchdog:
                 time.sleep(self.beat_s)
                 self._beat()
             after = [store.add(k, 0) for k in keys]
+        except NoHeartbeats as e:
+            return f"; which rank stopped is not known ({e})"
         except Exception:  # noqa: BLE001 - whatever the store raises, it did not answer
             return "; rank 0 does not answer (it hosts the rendezvous store): rank 0 froze or died"
         silent = [str(r) for r, (b, a) in enumerate(zip(before, after, strict=True)) if a == b and r != self.rank]

@@ -73,12 +73,13 @@ def build(name: str, setup: Setup, *, compile_: bool, timm_too: bool) -> list[tu
 
     With `compile_`, ours is compiled regionally (each block, as `train.compile` does in training) and timm's whole.
     """
-    ours = create_vit(name, num_classes=setup.num_classes)
-    models = [ours]
-    if timm_too:
-        theirs = timm_twin(name, setup.num_classes)
-        theirs.load_state_dict(ours.state_dict())  # same shapes, or this raises
-        models.append(theirs)
+    with setup.device:  # initialised where they run: seconds of a short lease saved for ViT-H (632M parameters)
+        ours = create_vit(name, num_classes=setup.num_classes)
+        models = [ours]
+        if timm_too:
+            theirs = timm_twin(name, setup.num_classes)
+            theirs.load_state_dict(ours.state_dict())  # same shapes, or this raises
+            models.append(theirs)
     out = []
     for m in models:
         m = m.to(device=setup.device, dtype=setup.dtype).train()
@@ -179,7 +180,8 @@ def sdpa_backends(name: str, setup: Setup, batch: int = 8) -> list[str]:
 def max_batch(name: str, setup: Setup, *, checkpointing: bool, cap: int, search: Callable) -> int:
     """Largest micro-batch (multiple of 8, at most `cap`) of our ViT, eager, that completes two training steps
     without running out of memory; `search` is `bench_gpu.largest_fitting`."""
-    model = create_vit(name, num_classes=setup.num_classes).to(device=setup.device, dtype=setup.dtype)
+    with setup.device:
+        model = create_vit(name, num_classes=setup.num_classes).to(dtype=setup.dtype)
     model.set_grad_checkpointing(checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 

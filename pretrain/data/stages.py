@@ -4,7 +4,7 @@ webdataset stages), shared by the training stream's two modes and the evaluation
     shard_samples   samples of a range of one shard; a bad or short shard is counted, not raised (the one home
                     of bad-shard handling)
     labelled        a sample without an image or a valid `.cls` is counted and left out
-    shuffled        a shuffle buffer (`Shuffler`: its state can be saved and restored)
+    Shuffler        a shuffle buffer whose state can be saved and restored
     replay          resume without a saved buffer: the saved run's draws are passed over without decoding
     augmented       decode and transform each sample with its own seed; a corrupt image is counted and left out
                     (`data.decode=gpu`: JPEGs are only cropped on paper, see `gpu_decode`)
@@ -156,11 +156,6 @@ class Shuffler:
             self.flushing = True
         while buf:
             yield buf.pop()
-
-
-def shuffled(items: Iterator[T], size: int, rng: random.Random) -> Iterator[T]:
-    """`items` through a fresh `Shuffler`."""
-    return Shuffler(size, rng)(items)
 
 
 def replay(items: Iterator[T], skip: int, counters: Counters) -> Iterator[tuple[int, T]]:

@@ -60,13 +60,6 @@ SMOKE_MODEL = "vit_test_patch4"  # --smoke: the tiny test variant, on the CPU
 # ------------------------------------------------------------------------------------------------ pure functions
 
 
-def mfu(images_per_s: float, flops_per_image: float, peak_flops: float | None) -> float | None:
-    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak; None where the peak is unknown."""
-    if not peak_flops:
-        return None
-    return images_per_s * flops_per_image / peak_flops
-
-
 def device_family(name: str) -> str | None:
     """ "A100" / "H100" / "H200" from a CUDA device name such as "NVIDIA H100 80GB HBM3"; None for others."""
     return next((k for k in PEAK_BF16_FLOPS if k in name), None)

@@ -59,6 +59,13 @@ class Setup:
             torch.cuda.empty_cache()
 
 
+def mfu(images_per_s: float, flops_per_image: float, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak; None where the peak is unknown."""
+    if not peak_flops:
+        return None
+    return images_per_s * flops_per_image / peak_flops
+
+
 def timm_twin(name: str, num_classes: int) -> torch.nn.Module:
     """timm's `VisionTransformer` of the same shape as our variant `name` (random weights)."""
     import timm
@@ -152,8 +159,8 @@ def throughput(name: str, setup: Setup, batch: int, *, compile_: bool, timm_too:
         "flops_per_image": flops,
         "ours_img_s": best[0],
         "timm_img_s": best[1] if timm_too else None,
-        "ours_mfu": best[0] * flops / peak if peak else None,
-        "timm_mfu": best[1] * flops / peak if peak and timm_too else None,
+        "ours_mfu": mfu(best[0], flops, peak),
+        "timm_mfu": mfu(best[1], flops, peak) if timm_too else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(setup.device) / 2**30 if setup.cuda else None,
     }
 

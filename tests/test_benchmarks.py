@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_gpu
+from benchmarks import bench_gpu, gpu_measure
 from benchmarks.__main__ import format_table, main
 from pretrain.models.vit import resolve_args, train_flops_per_image
 
@@ -37,9 +37,9 @@ ROW_KEYS = {"name", "metric", "ours", "baseline", "unit", "ratio", "target"}
 def test_mfu_arithmetic():
     # 1,000 images/s of ViT-L/16 on an H100 (989 TFLOP/s dense bf16): 1000 x 3.69e11 training FLOPs -> 37.3 %
     flops = train_flops_per_image(resolve_args("vit_large_patch16"))
-    assert bench_gpu.mfu(1000.0, flops, 989e12) == pytest.approx(0.3731, abs=1e-4)
-    assert bench_gpu.mfu(2.0, 3.0, 12.0) == 0.5
-    assert bench_gpu.mfu(1000.0, flops, None) is None  # unknown peak (CPU, other GPUs): n/a, not a wrong number
+    assert gpu_measure.mfu(1000.0, flops, 989e12) == pytest.approx(0.3731, abs=1e-4)
+    assert gpu_measure.mfu(2.0, 3.0, 12.0) == 0.5
+    assert gpu_measure.mfu(1000.0, flops, None) is None  # unknown peak (CPU, other GPUs): n/a, not a wrong number
 
 
 def test_device_family_and_targets():

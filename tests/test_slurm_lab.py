@@ -164,7 +164,14 @@ def test_time_limit_warning_saves_requeues_and_resumes_bit_identical(lab, refere
     job = submit(lab, digits_shards, out, "--time=10", "--signal=B:USR1@100")
     wait_for_step(out, 1)
     warn_at_next_check(lab, job, out)
-    requeued = lab.wait_job(job, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", 200, "requeue")
+    # The reason of a requeued job is set by slurmctld's next scheduling pass: under load the job is first seen
+    # PENDING with Reason=None, so wait for the hold itself (seen once in a loaded run).
+    requeued = lab.wait_job(
+        job,
+        lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING" and j["Reason"] == "BeginTime",
+        200,
+        "requeue held until its BeginTime",
+    )
     log = job_log(out, job)
     assert "got SIGUSR1" in log and f"requeueing job {job}" in log, log[-3000:]
     saved = saved_step(out, log)

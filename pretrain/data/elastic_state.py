@@ -80,10 +80,10 @@ class StreamState:
     def from_dict(cls, d: dict) -> StreamState:
         """The state `to_dict` wrote; a state of another version (e.g. a per-rank list from before) is refused."""
         if not isinstance(d, dict) or d.get("version") != STATE_VERSION:
-            got = d.get("version") if isinstance(d, dict) else f"a {type(d).__name__}"
+            got = f"version {d.get('version')}" if isinstance(d, dict) else "a per-rank list (version 1)"
             raise StateError(
-                f"the checkpoint's stream state is version {got}, this code reads version {STATE_VERSION}; "
-                "resume it with the version that wrote it, or start the stream afresh"
+                f"the checkpoint's stream state is {got}; this code reads version {STATE_VERSION}: resume it with "
+                "the code that wrote it"
             )
         names = {f.name for f in dataclasses.fields(cls)}
         state = cls(**{k: v for k, v in d.items() if k in names})

@@ -7,6 +7,7 @@ import sys
 
 from data_tools import storage
 from data_tools.errors import DataToolsError
+from data_tools.format import publish
 from data_tools.shard import DEFAULT_MAX_SHARD_BYTES, DEFAULT_SAMPLES_PER_SHARD
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -99,7 +100,7 @@ def _shard(args: argparse.Namespace) -> int:
         name=args.name,
     )
     if remote:
-        storage.publish(args.staging, args.out)
+        publish(args.staging, args.out)
     print(format_summary(summary))
     return 0
 

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from pretrain.checkpoint_format import META
+from pretrain.config import ConfigError, config_from_dict
 from pretrain.export.safetensors_stream import write_safetensors
-from pretrain.models.specs import SPECS, ModelSpec, UnknownModelError, ViTArgs, get_spec
+from pretrain.models.specs import BACKBONE_FIELDS, SPECS, ModelSpec, UnknownModelError, ViTArgs, get_spec
 from pretrain.models.vit import resize_pos_embed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -120,14 +121,13 @@ class TimmAdapter(Adapter):
     def config_files(self, spec: ModelSpec, args: ViTArgs, md: Metadata) -> dict[str, dict[str, Any]]:
         # Read by timm's `local-dir:` source (timm/models/_hub.py: load_model_config_from_path, _parse_model_cfg).
         pool = "token" if args.pool == "token" else "avg"
-        shape = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
         config = {
             "architecture": self.architecture(spec),
             "num_classes": args.num_classes,
             "num_features": args.embed_dim,
             "global_pool": pool,
             **({"label_names": md.class_names} if args.num_classes > 0 else {}),
-            "model_args": {**{k: getattr(args, k) for k in shape}, "global_pool": pool},
+            "model_args": {**{k: getattr(args, k) for k in BACKBONE_FIELDS}, "global_pool": pool},
             "pretrained_cfg": {
                 "input_size": [args.in_chans, args.img_size, args.img_size],
                 "fixed_input_size": True,
@@ -373,13 +373,14 @@ def metadata_files(args: ViTArgs, meta: dict[str, Any], opts: ExportOptions) -> 
         spec = get_spec(meta.get("model_name"))
     except UnknownModelError as e:
         raise ExportError(f"{e} (model_name in {META})") from None
+    stored = meta.get("config")
+    if not isinstance(stored, dict) or "data" not in stored:
+        raise ExportError(f"{META} lacks config.data (the preprocessing); the checkpoint is damaged")
     try:
-        data = meta["config"]["data"]
-        mean, std, crop_pct = list(data["mean"]), list(data["std"]), data["eval_crop_pct"]
-    except (KeyError, TypeError) as e:
-        raise ExportError(
-            f"{META} lacks config.data mean, std or eval_crop_pct ({e}); the checkpoint is damaged"
-        ) from e
+        data = config_from_dict(stored).data  # the run's config, typed as it was written
+    except ConfigError as e:
+        raise ExportError(f"{META} holds an unreadable config ({e}); the checkpoint is damaged") from None
+    mean, std, crop_pct = list(data.mean), list(data.std), data.eval_crop_pct
     names = list(meta.get("class_names") or [])
     head = args.num_classes > 0
     if head and len(names) != args.num_classes:

@@ -14,9 +14,13 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: test demo lint bench clean slurm-packages
 
+# The extras installed (pyproject.toml): `make demo` needs `demo` (train + finetune + scikit-learn, timm,
+# transformers); `make test` needs `test`, which holds every extra (demo's included) and the test tools.
+EXTRAS ?= test
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 test: $(STAMP) slurm-packages

@@ -36,7 +36,7 @@ def main() -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from pretrain.config import load_config
+    from pretrain.config import BatchPlan, load_config
     from pretrain.models.vit import create_vit
     from pretrain.train.engine import Engine
 
@@ -65,7 +65,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = create_vit("vit_small_patch16", num_classes=1000, depth=args.depth)
     n = sum(p.numel() for p in model.parameters())
-    engine = Engine.from_config(model, cfg, world_size=world, device=torch.device("cpu"))
+    engine = Engine.from_config(model, cfg, BatchPlan.of(cfg.train, world), device=torch.device("cpu"))
     del model
     engine.train_step(one_batch(), torch.Generator())
     gc.collect()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.models.specs import SPECS
+from pretrain.models.specs import BACKBONE_FIELDS, SPECS
 from pretrain.models.vit import create_vit, resolve_args, train_flops_per_image
 from pretrain.train.compile import compile_blocks
 from pretrain.train.metrics import device_peak_flops
@@ -71,7 +71,7 @@ def timm_twin(name: str, num_classes: int) -> torch.nn.Module:
     import timm
 
     a = resolve_args(name, num_classes=num_classes)
-    shape = {k: getattr(a, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")}
+    shape = {k: getattr(a, k) for k in BACKBONE_FIELDS}  # timm's model_args, as the timm export writes them
     return timm.create_model(SPECS[name].timm or TIMM_GENERIC, pretrained=False, num_classes=num_classes, **shape)
 
 

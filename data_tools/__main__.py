@@ -7,6 +7,7 @@ import sys
 
 from data_tools import storage
 from data_tools.errors import DataToolsError
+from data_tools.format import publish
 from data_tools.shard import DEFAULT_MAX_SHARD_BYTES, DEFAULT_SAMPLES_PER_SHARD
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -50,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="decode every sample and check labels and counts against _info.json")
     v.add_argument("out")
+    v.add_argument(
+        "--num-classes",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="labels must be below N (default: the class count in _info.json; without one, any label >= 0)",
+    )
     v.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -59,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("digits", help="write scikit-learn's handwritten digits as a 32x32 PNG image folder")
     d.add_argument("out")
     return p
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +117,7 @@ def _shard(args: argparse.Namespace) -> int:
         name=args.name,
     )
     if remote:
-        storage.publish(args.staging, args.out)
+        publish(args.staging, args.out)
     print(format_summary(summary))
     return 0
 
@@ -107,15 +125,26 @@ def _shard(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from data_tools.verify import verify
 
-    report = verify(args.out, workers=args.workers, progress=not args.no_progress)
+    report = verify(args.out, workers=args.workers, progress=not args.no_progress, num_classes=args.num_classes)
     for problem in report["problems"][:100]:
         print(problem)
     if len(report["problems"]) > 100:
         print(f"... and {len(report['problems']) - 100} more problems")
+    print(_label_line(report, from_flag=args.num_classes is not None))
     status = "OK" if report["ok"] else f"FAILED: {len(report['problems'])} problems"
     indexes = f" ({report['indexes']} of {report['shards']} sample indexes checked)"
     print(f"{args.out}: {report['samples']:,} samples in {report['shards']} shards decoded; {status}{indexes}")
     return 0 if report["ok"] else 1
+
+
+def _label_line(report: dict, from_flag: bool) -> str:
+    """`labels 0..9 seen; ...`: the range found, and what it was checked against."""
+    lo_hi = report["labels"]
+    seen = f"labels {lo_hi[0]}..{lo_hi[1]} seen" if lo_hi else "no labels seen"
+    n = report["num_classes"]
+    if n is None:
+        return f"{seen}; no class list in _info.json (pass --num-classes N to check the range)"
+    return f"{seen}; checked against {n} classes ({'--num-classes' if from_flag else '_info.json'})"
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from data_tools.errors import DataToolsError
+from data_tools.extras import require
 from data_tools.fsutil import atomic_path
 
 DIGITS_COUNT = 1797
@@ -22,10 +23,9 @@ DIGITS_SIZE = 32
 
 
 def _sklearn_datasets():
-    try:
-        from sklearn import datasets
-    except ImportError as e:
-        raise DataToolsError("this command needs scikit-learn; install it with `pip install scikit-learn`") from e
+    require("sklearn", "scikit-learn")  # the `demo` extra; MissingExtra is a DataToolsError: one line, exit 2
+    from sklearn import datasets
+
     return datasets
 
 

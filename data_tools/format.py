@@ -88,6 +88,8 @@ def image_ext(members: Mapping[str, object]) -> str | None:
 def parse_cls(raw: bytes) -> list[int]:
     """The label(s) of a `.cls` member: ASCII integers, several separated by commas or spaces (`3`, `3,7`).
 
+    The one label rule: the stream reads `.cls` with it, `verify` checks with it (and `check_label_range`).
+
     Raises:
         LabelError: not ASCII integers, no label at all, or a negative one.
     """
@@ -98,6 +100,19 @@ def parse_cls(raw: bytes) -> list[int]:
     if not labels or min(labels) < 0:
         raise LabelError(".cls holds no valid label")
     return labels
+
+
+def check_label_range(labels: Sequence[int], num_classes: int | None) -> None:
+    """The class-count half of the label rule: every label of `parse_cls` below `num_classes`.
+
+    None (shards made elsewhere often carry no class list) accepts every label `parse_cls` accepts, as the stream
+    does.
+
+    Raises:
+        LabelError: a label >= `num_classes`.
+    """
+    if num_classes is not None and max(labels) >= num_classes:
+        raise LabelError(f".cls {max(labels)} not in [0, {num_classes})")
 
 
 def cls_bytes(labels: int | Sequence[int]) -> bytes:
@@ -288,3 +303,15 @@ def write_json(path: str | os.PathLike, obj: dict) -> None:
 def write_info(folder: str | os.PathLike, info: dict) -> None:
     """Write `folder/_info.json` atomically: a reader never sees a half-written description."""
     write_json(Path(folder) / INFO, info)
+
+
+def publish(folder: str | os.PathLike, url: str) -> None:
+    """Upload a finished shard folder to `url` (`shard --out s3://`): every shard and index `_info.json` lists, then
+    `_info.json` last, so a reader of the URL never finds a description whose shards are not all there."""
+    info = read_info(folder)
+    for s in info.get("splits", {}).values():
+        for name in s["filenames"]:
+            for f in (name, index_name(name)):
+                if (Path(folder) / f).is_file():
+                    storage.write_bytes(storage.join(url, f), (Path(folder) / f).read_bytes())
+    storage.write_bytes(storage.join(url, INFO), (Path(folder) / INFO).read_bytes())

@@ -1,4 +1,8 @@
-"""One sample's image: decode it fully (to catch truncated files), downscale if asked, keep or re-encode the bytes."""
+"""One sample's image: decode it fully (to catch truncated files), downscale if asked, keep or re-encode the bytes.
+
+Both judged by `data_tools.decode`, the stream's own decoder: bytes kept as they are decode there (so the training
+stream reads every image the writer keeps), and a re-encoded image is converted to RGB by its rule (16-bit scaled).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,16 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from data_tools.decode import BadImage, decode_rgb, open_image, reason, to_rgb
 from data_tools.format import REENCODED_EXT, STORED_EXTS
+
+__all__ = ["BadImage", "Encoded", "ImageOptions", "encode_image", "target_size", "size_bucket", "bucket_labels"]
 
 DEFAULT_QUALITY = 90
 """JPEG quality used when an image must be re-encoded (resized, or a format readers may not know) and no --quality."""
 
 # Shorter-side buckets for the size distribution `info` prints: [0,32), [32,64), ..., [2048, inf).
 SIZE_EDGES = (32, 64, 128, 256, 384, 512, 768, 1024, 2048)
-
-
-class BadImage(Exception):
-    """The bytes are not a readable image (not an image, truncated, unsupported); the message is the reason."""
 
 
 @dataclass(frozen=True)
@@ -60,36 +63,33 @@ def encode_image(data: bytes, opts: ImageOptions) -> Encoded:
     """Decode `data` and return what to store for it.
 
     Raises:
-        BadImage: The bytes cannot be decoded completely, or the image cannot be re-encoded.
+        BadImage: The bytes cannot be decoded completely, or the image cannot be re-encoded; the message says
+            what the file is (`data_tools.decode`).
     """
+    im = open_image(data)  # header only; the size guard refuses a bomb here
+    fmt = im.format
+    width, height = im.size
+    size = target_size(width, height, opts.resize_shorter)
+    if size == (width, height) and opts.quality is None and fmt in STORED_EXTS:
+        # Kept as it is: checked by the stream's decoder (a JPEG at 1/8 scale, as the stream's draft mode does:
+        # it still reads every coefficient, so truncation fails, in half the time).
+        decode_rgb(data, reduce=8)
+        return Encoded(STORED_EXTS[fmt], data, width, height, min(width, height))
     try:
-        im = Image.open(io.BytesIO(data))
-        fmt = im.format
-        width, height = im.size
-        size = target_size(width, height, opts.resize_shorter)
-        keep = size == (width, height) and opts.quality is None and fmt in STORED_EXTS
-        if fmt == "JPEG" and keep:
-            # Only checking: a 1/8-scale decode still reads every coefficient (truncation fails) in half the time.
-            im.draft(None, (max(1, width // 8), max(1, height // 8)))
-        elif fmt == "JPEG" and size != (width, height):
+        if fmt == "JPEG" and size != (width, height):
             # libjpeg decodes at a reduced DCT scale (>= the target size): several times faster for big photos.
             im.draft("RGB", size)
         im.load()  # decode everything: truncated or corrupt files fail here, not in the training loader
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
-        raise BadImage(f"{type(e).__name__}: {e}".replace("\n", " ")) from e
-
-    if keep:
-        return Encoded(STORED_EXTS[fmt], data, width, height, min(width, height))
-
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, ValueError...)
+        raise BadImage(f"truncated or corrupt image ({reason(e)})") from None
     try:
-        if im.mode != "RGB":
-            im = im.convert("RGB")
+        im = to_rgb(im)  # 16-bit scaled to 8, as the stream decodes it
         if im.size != size:
             im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=opts.quality or DEFAULT_QUALITY)
-    except Exception as e:  # an exotic mode (e.g. 16-bit) Pillow cannot convert: skip it like any bad file
-        raise BadImage(f"cannot re-encode as RGB JPEG ({type(e).__name__}: {e})".replace("\n", " ")) from e
+    except Exception as e:  # noqa: BLE001 - an exotic mode Pillow cannot convert: skip it like any bad file
+        raise BadImage(f"cannot re-encode as RGB JPEG ({reason(e)})") from None
     return Encoded(REENCODED_EXT, buf.getvalue(), width, height, min(size))
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from data_tools.extras import require
+
 log = logging.getLogger("pretrain.data")
 REMOTE_SCHEMES = ("http", "https", "s3")
 
@@ -86,8 +88,15 @@ class _Transient(Exception):
 _CLIENTS: dict[tuple[int, str, float], object] = {}
 
 
+def require_remote() -> None:
+    """Remote URLs need urllib3 and boto3 (the `remote` extra); without them, one line naming it (MissingExtra)."""
+    require("urllib3")
+    require("boto3")
+
+
 def _client(kind: str, timeout_s: float):
     """One urllib3 pool / boto3 client per process and timeout (made after a fork, never shared with the parent)."""
+    require_remote()
     key = (os.getpid(), kind, timeout_s)
     if key not in _CLIENTS:
         if kind == "http":
@@ -184,6 +193,7 @@ class RangeReader(io.RawIOBase):
     """Sequential reader of bytes [start, end) of a remote object that resumes at its byte after a transient fault."""
 
     def __init__(self, url: str, start: int = 0, end: int | None = None, policy: IOPolicy | None = None):
+        require_remote()
         self.url, self.pos, self.end = url, start, end
         self.policy = policy or IOPolicy()
         self._get = _s3_get if url.startswith("s3://") else _http_get
@@ -306,17 +316,3 @@ def write_bytes(url: str, data: bytes) -> None:
         from data_tools.fsutil import atomic_write
 
         atomic_write(url, data)
-
-
-def publish(folder: str | os.PathLike, url: str) -> None:
-    """Upload a finished shard folder to `url`: every shard and index it lists, then `_info.json` last, so a reader
-    of the URL never finds a description whose shards are not all there."""
-    from data_tools import format as fmt
-
-    info = fmt.read_info(folder)
-    for s in info.get("splits", {}).values():
-        for name in s["filenames"]:
-            for f in (name, fmt.index_name(name)):
-                if (Path(folder) / f).is_file():
-                    write_bytes(join(url, f), (Path(folder) / f).read_bytes())
-    write_bytes(join(url, fmt.INFO), (Path(folder) / fmt.INFO).read_bytes())

@@ -2,7 +2,10 @@
 
 Works on any shards in the format of `format.py` (the public ImageNet WebDataset layout, KEY.<image> + KEY.cls
 [+ KEY.json], with timm's `_info.json`). Member names, image extensions and the `.cls` rule (multi-label `3,7`
-included) are the training stream's, from that one module. The class-name check runs when `class_names` is present.
+included) are the training stream's, from that one module; images are decoded by the stream's own decoder
+(`data_tools.decode`). Labels are checked against the class count (`--num-classes`, else `_info.json`'s) when there
+is one, else only as the stream reads them (non-negative integers); the label range seen is reported either way. The
+class-name check runs when `class_names` is present.
 A shard's sample index (`<shard>.idx`, byte offsets for random access) is optional; where there is one, it must match
 the shard, because a resume over HTTP or S3 seeks by it.
 """
@@ -10,25 +13,24 @@ the shard, because a resume over HTTP or S3 seeks by it.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from data_tools import format as fmt
 from data_tools import storage
+from data_tools.decode import BadImage, decode_rgb
 from data_tools.parallel import default_workers, run_tasks
 
 
 @dataclass(frozen=True)
 class _Context:
     out: Path | str
-    num_classes: int
+    num_classes: int | None
     class_names: tuple[str, ...] | None
 
 
@@ -40,12 +42,22 @@ def _init(ctx: _Context) -> None:
     _CTX = ctx
 
 
-def verify(out: str | os.PathLike, *, workers: int | None = None, progress: bool = True) -> dict:
+def verify(
+    out: str | os.PathLike, *, workers: int | None = None, progress: bool = True, num_classes: int | None = None
+) -> dict:
     """Check every shard listed in `OUT/_info.json`.
+
+    Args:
+        out: the shard folder (or its URL).
+        workers: processes (default: all cores).
+        progress: show a progress bar.
+        num_classes: labels must be below it; None takes the class count of `_info.json`, and where that has none
+            any non-negative label passes (the stream's rule).
 
     Returns:
         {"ok": bool, "samples": decoded samples, "shards": shards read, "indexes": sample indexes (`.idx`) checked
-        against their shard, "problems": ["shard: key: what", ...]}.
+        against their shard, "labels": [lowest, highest] label seen (None without any), "num_classes": the class
+        count checked against (None: none known), "problems": ["shard: key: what", ...]}.
 
     Raises:
         DataToolsError: OUT has no readable `_info.json`.
@@ -53,12 +65,12 @@ def verify(out: str | os.PathLike, *, workers: int | None = None, progress: bool
     remote = storage.is_remote(str(out))
     out = str(out).rstrip("/") if remote else Path(out)
     info = fmt.read_info(out)
-    names, num_classes = fmt.info_classes(info)
-    num_classes = int(num_classes or 0)
-    ctx = _Context(out, num_classes, tuple(names) if names else None)
+    names, info_count = fmt.info_classes(info)
+    limit = num_classes if num_classes is not None else (int(info_count) if info_count else None)
+    ctx = _Context(out, limit, tuple(names) if names else None)
     problems: list[str] = []
-    if names and len(names) != num_classes:
-        problems.append(f"{fmt.INFO}: num_classes is {num_classes} but class_names lists {len(names)}")
+    if names and info_count and len(names) != info_count:
+        problems.append(f"{fmt.INFO}: num_classes is {info_count} but class_names lists {len(names)}")
 
     tasks, listed = [], set()
     for split, s in info.get("splits", {}).items():
@@ -74,12 +86,13 @@ def verify(out: str | os.PathLike, *, workers: int | None = None, progress: bool
         if f.endswith(".tar") and f not in listed:
             problems.append(f"{f}: shard file not listed in {fmt.INFO}")
 
-    samples, hashes, owners, done_files, indexes = 0, [], [], [], 0
+    samples, hashes, owners, done_files, indexes, seen = 0, [], [], [], 0, []
     desc = f"verify {str(out).rsplit('/', 1)[-1]}"
     with tqdm(total=len(tasks), unit="shard", desc=desc, disable=not progress) as bar:
         for i, result in enumerate(run_tasks(_verify_shard, tasks, workers or default_workers(), _init, (ctx,))):
             samples += result["count"]
             indexes += result["index"]
+            seen += result["labels"]  # each shard's lowest and highest
             problems += result["problems"]
             hashes.append(result["key_hashes"])
             done_files.append(result["file"])
@@ -87,7 +100,16 @@ def verify(out: str | os.PathLike, *, workers: int | None = None, progress: bool
             bar.update(1)
             bar.set_postfix(samples=samples, problems=len(problems))
     problems += _duplicate_keys(hashes, owners, done_files)
-    return {"ok": not problems, "samples": samples, "shards": len(tasks), "indexes": indexes, "problems": problems}
+    labels = [min(seen), max(seen)] if seen else None
+    return {
+        "ok": not problems,
+        "samples": samples,
+        "shards": len(tasks),
+        "indexes": indexes,
+        "labels": labels,
+        "num_classes": limit,
+        "problems": problems,
+    }
 
 
 def _key_hash(key: str) -> int:
@@ -118,8 +140,10 @@ def _verify_shard(task: tuple[str, int | None]) -> dict:
     path = storage.join(str(ctx.out), filename)
     if not storage.is_remote(path) and not Path(path).is_file():
         missing = [f"{filename}: missing"]
-        return {"file": filename, "count": 0, "problems": missing, "key_hashes": np.zeros(0, np.int64), "index": False}
+        empty = np.zeros(0, np.int64)
+        return {"file": filename, "count": 0, "problems": missing, "key_hashes": empty, "index": False, "labels": []}
     index, read_whole = fmt.IndexBuilder(), False
+    seen: list[int] = []  # the lowest and highest label of the shard
     try:
         with storage.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tf:
             sample: dict[str, bytes] = {}
@@ -134,12 +158,12 @@ def _verify_shard(task: tuple[str, int | None]) -> dict:
                 name_key, ext = fmt.split_name(member.name)
                 if name_key != key:
                     if key is not None:
-                        problems += _check_sample(filename, key, sample)
+                        problems += _check_sample(filename, key, sample, seen)
                         keys.append(key)
                     key, sample = name_key, {}
                 sample[ext] = tf.extractfile(member).read()
             if key is not None:
-                problems += _check_sample(filename, key, sample)
+                problems += _check_sample(filename, key, sample, seen)
                 keys.append(key)
         read_whole = True
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -150,7 +174,14 @@ def _verify_shard(task: tuple[str, int | None]) -> dict:
         problems.append(f"{filename}: holds {len(keys)} samples, {fmt.INFO} says {expected}")
     checked = read_whole and _check_index(path, filename, index.offsets(), problems)
     hashes = np.array([_key_hash(k) for k in set(keys)], dtype=np.int64)
-    return {"file": filename, "count": len(keys), "problems": problems, "key_hashes": hashes, "index": checked}
+    return {
+        "file": filename,
+        "count": len(keys),
+        "problems": problems,
+        "key_hashes": hashes,
+        "index": checked,
+        "labels": seen,
+    }
 
 
 def _check_index(path: str, filename: str, offsets: list[int], problems: list[str]) -> bool:
@@ -178,8 +209,11 @@ def _check_index(path: str, filename: str, offsets: list[int], problems: list[st
     return True
 
 
-def _check_sample(filename: str, key: str, sample: dict[str, bytes]) -> list[str]:
-    """Problems of one sample (members by lower-case extension): its image, its `.cls` and its `.json`."""
+def _check_sample(filename: str, key: str, sample: dict[str, bytes], seen: list[int]) -> list[str]:
+    """Problems of one sample (members by lower-case extension): its image, its `.cls` and its `.json`.
+
+    `seen` (the lowest and highest label so far, or empty) takes in the sample's labels.
+    """
     where = f"{filename}: {key}"
     problems = []
     ext = fmt.image_ext(sample)
@@ -187,10 +221,10 @@ def _check_sample(filename: str, key: str, sample: dict[str, bytes]) -> list[str
         problems.append(f"{where}: no image (has {sorted(sample)})")
     else:
         try:
-            Image.open(io.BytesIO(sample[ext])).load()
-        except Exception as e:  # PIL raises many exception types for bad data
-            problems.append(f"{where}: .{ext} does not decode ({type(e).__name__}: {e})")
-    labels = _check_labels(where, sample.get(fmt.LABEL_EXT), problems)
+            decode_rgb(sample[ext])  # the stream's decoder: what passes here, the stream reads
+        except BadImage as e:
+            problems.append(f"{where}: .{ext} does not decode ({e})")
+    labels = _check_labels(where, sample.get(fmt.LABEL_EXT), problems, seen)
     if fmt.META_EXT in sample:
         try:
             name = fmt.parse_json(sample[fmt.META_EXT]).get("class")
@@ -199,13 +233,14 @@ def _check_sample(filename: str, key: str, sample: dict[str, bytes]) -> list[str
             name = None
         names = _CTX.class_names
         # The class-name check needs one label: a multi-label sample's .json names no single class.
-        if names and labels and len(labels) == 1 and name is not None and name != names[labels[0]]:
+        if names and labels and len(labels) == 1 and labels[0] < len(names) and name not in (None, names[labels[0]]):
             problems.append(f"{where}: .json class {name!r} but .cls {labels[0]} is {names[labels[0]]!r}")
     return problems
 
 
-def _check_labels(where: str, raw: bytes | None, problems: list[str]) -> list[int] | None:
-    """The sample's labels when `.cls` holds valid ones within [0, num_classes), else None (problems appended)."""
+def _check_labels(where: str, raw: bytes | None, problems: list[str], seen: list[int]) -> list[int] | None:
+    """The sample's labels when `.cls` holds valid ones (the format's rule, and below the class count when one is
+    known), else None (problems appended). Every parsed label, in range or not, widens `seen`."""
     if raw is None:
         problems.append(f"{where}: no .cls")
         return None
@@ -214,7 +249,11 @@ def _check_labels(where: str, raw: bytes | None, problems: list[str]) -> list[in
     except fmt.LabelError as e:
         problems.append(f"{where}: {e} ({raw[:20]!r})")
         return None
-    outside = [label for label in labels if label >= _CTX.num_classes]
-    for label in outside:
-        problems.append(f"{where}: .cls {label} not in [0, {_CTX.num_classes})")
-    return None if outside else labels
+    lo, hi = min(labels), max(labels)
+    seen[:] = [min(seen[0], lo), max(seen[1], hi)] if seen else [lo, hi]
+    try:
+        fmt.check_label_range(labels, _CTX.num_classes)
+    except fmt.LabelError as e:
+        problems.append(f"{where}: {e}")
+        return None
+    return labels

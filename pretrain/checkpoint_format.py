@@ -19,7 +19,9 @@ from typing import Any
 
 META = "pretrain_meta.json"
 LATEST = "latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: DeepSpeed's client state holds the run's parts keyed by name; 1: one flat namespace (`pretrain.train.
+checkpointer.client_parts` reads both). The files export reads are the same in both."""
 TAG = re.compile(r"^step_(\d{8})$")
 
 

@@ -1,9 +1,16 @@
 """Typed run configuration: YAML file + dotted command-line overrides -> `Config` dataclasses.
 
-This is the single home of every setting. The DeepSpeed JSON is generated from it (`pretrain.train.engine`), and the
-resolved config is written next to every run. Print one with:
+This is the single home of every setting and its default. The DeepSpeed JSON is generated from it
+(`pretrain.train.engine`), and the resolved config is written next to every run. Print one with:
 
     python -m pretrain.config configs/vit_b16_i21k.yaml optim.lr=3e-4 model.name=vit_large_patch16
+
+Where each rule lives:
+- a field's type: its annotation (`pretrain.typed_config.build_dataclass` refuses anything else);
+- a rule on one section's values: that section's `check` (a `Section`), beside its fields;
+- a rule across sections: `check_across`; between the model and the data found: `head_size`;
+- the batch split over ranks and micro-steps: `BatchPlan`, built once per run for the world size.
+A new section is a `Section` dataclass with its own `check`, and one field of `Config`.
 """
 
 from __future__ import annotations
@@ -18,11 +25,11 @@ import yaml
 
 from data_tools.fsutil import atomic_write
 from pretrain.models.specs import VARIANTS
-from pretrain.typed_config import ConfigError, build_dataclass, plain
+from pretrain.typed_config import ConfigError, Section, build_dataclass, in_range, plain
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     name: str = "vit"
     """Run name, used in logs."""
     output_dir: str = "runs/vit"
@@ -32,7 +39,7 @@ class RunConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name: str = "vit_base_patch16"
     """Variant from the registry `pretrain.models.specs.SPECS`."""
     img_size: int | None = None
@@ -50,9 +57,14 @@ class ModelConfig:
     head_bias_init: float = 0.0
     """Initial head bias; -10 for the sigmoid loss as in big_vision's i21k recipe."""
 
+    def check(self, name: str) -> None:
+        if self.name not in VARIANTS:
+            raise ConfigError(f"{name}.name={self.name!r} is unknown; choose one of {', '.join(sorted(VARIANTS))}")
+        in_range(self, name, "in [0, 1)", "drop_rate", "drop_path_rate")
+
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     train_shards: str = ""
     """Training shards: a folder with `_info.json` (local, http(s):// or s3://), a folder of `.tar` files, or a brace
     pattern / URL."""
@@ -97,9 +109,19 @@ class DataConfig:
     decode: Literal["cpu", "gpu"] = "cpu"
     """Training JPEGs decoded and cropped in the loader workers (`cpu`) or in batches on the GPU (`gpu`, CUDA only)."""
 
+    def check(self, name: str) -> None:
+        in_range(self, name, "> 0", "shuffle_buffer", "io_timeout_s", "io_chunk_bytes")
+        in_range(self, name, ">= 0", "num_workers", "mixup_alpha", "io_retries")
+        in_range(self, name, "in (0, 1]", "crop_scale_min", "eval_crop_pct")
+        if self.decode == "gpu" and self.randaugment_ops > 0:
+            raise ConfigError(
+                f"{name}.decode=gpu cannot run RandAugment (it needs the decoded image in the worker); "
+                f"set {name}.randaugment_ops=0 or {name}.decode=cpu"
+            )
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.03
@@ -111,9 +133,13 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
+    def check(self, name: str) -> None:
+        in_range(self, name, "> 0", "lr")
+        in_range(self, name, ">= 0", "weight_decay", "grad_clip")
+
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Section):
     warmup_steps: int = 10_000
     """Linear warmup from 0 to `optim.lr`."""
     decay: Literal["linear", "cosine", "constant"] = "linear"
@@ -121,9 +147,13 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.0
     """Floor of the decay, as a fraction of the peak learning rate."""
 
+    def check(self, name: str) -> None:
+        in_range(self, name, ">= 0", "warmup_steps")
+        in_range(self, name, "in [0, 1)", "min_lr_ratio")
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     steps: int = 1000
     """Optimizer steps in the run."""
     micro_batch_size: int = 64
@@ -153,20 +183,49 @@ class TrainConfig:
     compile: bool = False
     """Regional torch.compile of each transformer block (`pretrain.train.compile`); off until measured on GPU."""
 
-    def grad_accum_steps(self, world_size: int) -> int:
-        """Micro-batches per optimizer step on each rank; raises ConfigError if the batch sizes do not divide."""
-        per_step = self.micro_batch_size * world_size
-        if self.global_batch_size % per_step:
+    def check(self, name: str) -> None:
+        in_range(self, name, "> 0", "steps", "micro_batch_size", "global_batch_size", "grad_checkpointing_every")
+        in_range(self, name, ">= 0", "eval_every_steps", "collective_timeout_s")
+        in_range(self, name, "in [0, 1)", "label_smoothing")
+        BatchPlan.of(self, world_size=1)  # the split that must hold on any number of ranks
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the images of one optimizer step split over ranks and micro-steps: built once per run (`BatchPlan.of`)
+    and handed to the engine, the metrics and the loop, so that nothing else does this arithmetic."""
+
+    micro_batch: int
+    """Images per rank per forward/backward (`train.micro_batch_size`)."""
+    accum_steps: int
+    """Micro-batches per rank per optimizer step (gradient accumulation)."""
+    world_size: int
+    """Data-parallel ranks."""
+
+    @property
+    def per_rank(self) -> int:
+        """Images per rank per optimizer step: this rank's share of the global batch."""
+        return self.micro_batch * self.accum_steps
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all ranks (`train.global_batch_size`)."""
+        return self.per_rank * self.world_size
+
+    @classmethod
+    def of(cls, train: TrainConfig, world_size: int) -> BatchPlan:
+        """Split `train.global_batch_size` over `world_size` ranks; raises ConfigError if it does not divide."""
+        per_micro_step = train.micro_batch_size * world_size
+        if train.global_batch_size % per_micro_step:
             raise ConfigError(
-                f"train.global_batch_size={self.global_batch_size} is not divisible by "
-                f"train.micro_batch_size ({self.micro_batch_size}) x world size ({world_size}); "
-                f"use a multiple of {per_step}"
+                f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size "
+                f"({train.micro_batch_size}) x world size ({world_size}); use a multiple of {per_micro_step}"
             )
-        return self.global_batch_size // per_step
+        return cls(train.micro_batch_size, train.global_batch_size // per_micro_step, world_size)
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     every_steps: int = 1000
     """Save every N steps (and at the end)."""
     keep_last: int = 3
@@ -176,9 +235,13 @@ class CheckpointConfig:
     every_minutes: float = 0.0
     """Also save when this many minutes passed since the last save, by rank 0's clock (0: off)."""
 
+    def check(self, name: str) -> None:
+        in_range(self, name, "> 0", "every_steps", "keep_last")
+        in_range(self, name, ">= 0", "keep_every", "every_minutes")
+
 
 @dataclass
-class DeepSpeedConfig:
+class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
     overlap_comm: bool = True
@@ -202,7 +265,7 @@ class DeepSpeedConfig:
 
 
 @dataclass
-class LogConfig:
+class LogConfig(Section):
     every_steps: int = 10
     """Print and record metrics every N steps."""
     tensorboard: bool = True
@@ -218,6 +281,9 @@ class LogConfig:
     wandb_tags: str = ""
     """Comma-separated W&B tags."""
 
+    def check(self, name: str) -> None:
+        in_range(self, name, "> 0", "every_steps")
+
 
 @dataclass
 class Config:
@@ -231,6 +297,12 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def __post_init__(self) -> None:
+        """Every section's own rules, then the rules across sections: an invalid Config is never built."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).check(f.name)
+        check_across(self)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), as written to YAML and stored in checkpoints."""
         return plain(dataclasses.asdict(self))
@@ -240,7 +312,7 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (optional), apply `section.key=value` overrides, type-check and validate."""
+    """Read a YAML file (optional), apply `section.key=value` overrides, type-check and check the values."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -265,71 +337,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(sec, dict):
             raise ConfigError(f"section {section!r} must be a mapping")
         sec[name] = parsed
-    cfg = build_dataclass(Config, raw, "")
-    validate(cfg)
-    return cfg
+    return build_dataclass(Config, raw, "")  # checked as it is built (Config.__post_init__)
 
 
-def validate(cfg: Config) -> None:
-    """Check values that types alone cannot (ranges, combinations). Raises ConfigError."""
-    positive = {
-        "train.steps": cfg.train.steps,
-        "train.micro_batch_size": cfg.train.micro_batch_size,
-        "train.global_batch_size": cfg.train.global_batch_size,
-        "train.grad_checkpointing_every": cfg.train.grad_checkpointing_every,
-        "checkpoint.every_steps": cfg.checkpoint.every_steps,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last,
-        "log.every_steps": cfg.log.every_steps,
-        "optim.lr": cfg.optim.lr,
-        "data.shuffle_buffer": cfg.data.shuffle_buffer,
-        "data.io_timeout_s": cfg.data.io_timeout_s,
-        "data.io_chunk_bytes": cfg.data.io_chunk_bytes,
-    }
-    for key, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{key}={v} must be > 0")
-    non_negative = {
-        "optim.weight_decay": cfg.optim.weight_decay,
-        "optim.grad_clip": cfg.optim.grad_clip,
-        "schedule.warmup_steps": cfg.schedule.warmup_steps,
-        "data.num_workers": cfg.data.num_workers,
-        "data.mixup_alpha": cfg.data.mixup_alpha,
-        "train.eval_every_steps": cfg.train.eval_every_steps,
-        "checkpoint.keep_every": cfg.checkpoint.keep_every,
-        "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
-        "train.collective_timeout_s": cfg.train.collective_timeout_s,
-        "data.io_retries": cfg.data.io_retries,
-    }
-    for key, v in non_negative.items():
-        if v < 0:
-            raise ConfigError(f"{key}={v} must be >= 0")
-    fractions = {
-        "model.drop_rate": cfg.model.drop_rate,
-        "model.drop_path_rate": cfg.model.drop_path_rate,
-        "schedule.min_lr_ratio": cfg.schedule.min_lr_ratio,
-        "train.label_smoothing": cfg.train.label_smoothing,
-    }
-    for key, v in fractions.items():
-        if not 0.0 <= v < 1.0:
-            raise ConfigError(f"{key}={v} must be in [0, 1)")
-    if not 0.0 < cfg.data.crop_scale_min <= 1.0:
-        raise ConfigError(f"data.crop_scale_min={cfg.data.crop_scale_min} must be in (0, 1]")
-    if not 0.0 < cfg.data.eval_crop_pct <= 1.0:
-        raise ConfigError(f"data.eval_crop_pct={cfg.data.eval_crop_pct} must be in (0, 1]")
-    if cfg.data.decode == "gpu" and cfg.data.randaugment_ops > 0:
-        raise ConfigError(
-            "data.decode=gpu cannot run RandAugment (it needs the decoded image in the worker); "
-            "set data.randaugment_ops=0 or data.decode=cpu"
-        )
-    if cfg.train.global_batch_size % cfg.train.micro_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
-            f"train.micro_batch_size={cfg.train.micro_batch_size}"
-        )
+def check_across(cfg: Config) -> None:
+    """The rules between sections (each section's own are its `check`). Raises ConfigError."""
     if cfg.train.precision == "fp16" and cfg.train.loss == "sigmoid" and cfg.model.head_bias_init < -8:
         raise ConfigError("model.head_bias_init below -8 overflows fp16 logits' gradients; use train.precision=bf16")
-    if cfg.model.name not in VARIANTS:
-        raise ConfigError(f"model.name={cfg.model.name!r} is unknown; choose one of {', '.join(sorted(VARIANTS))}")
+
+
+def head_size(model: ModelConfig, shard_classes: int, class_names: list[str]) -> int:
+    """The head size: `model.num_classes`, else the training shards' class count (`_info.json`). The rule between the
+    model section and the data, checked once the shards are found (`pretrain.train.trainer.preflight`)."""
+    num_classes = model.num_classes or shard_classes or len(class_names)
+    if not num_classes:
+        raise ConfigError("model.num_classes is unset and the shards carry no class list; set model.num_classes")
+    if shard_classes and model.num_classes and model.num_classes != shard_classes:
+        raise ConfigError(
+            f"model.num_classes={model.num_classes} but the shards have {shard_classes} classes; "
+            "remove model.num_classes to take it from the data"
+        )
+    return num_classes
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -343,10 +371,8 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Rebuild a Config from `Config.to_dict()` output (e.g. stored in a checkpoint)."""
-    cfg = build_dataclass(Config, raw, "")
-    validate(cfg)
-    return cfg
+    """Rebuild a Config from `Config.to_dict()` output (e.g. stored in a checkpoint), typed and checked."""
+    return build_dataclass(Config, raw, "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,44 @@
 """Typed dataclasses from plain mappings (YAML, overrides, checkpoints): unknown keys and wrong types are refused
-with one line naming the key and what is allowed. The sections themselves are `pretrain.config`'s."""
+with one line naming the key and what is allowed; `Section` is the base of a section whose values have rules. The
+sections themselves are `pretrain.config`'s."""
 
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what is allowed."""
+
+
+RANGES: dict[str, Callable[[Any], bool]] = {
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    "in [0, 1)": lambda v: 0.0 <= v < 1.0,
+    "in (0, 1]": lambda v: 0.0 < v <= 1.0,
+}
+"""The ranges a section's `check` asks for by name; the name is also the message (`train.steps=0 must be > 0`)."""
+
+
+def in_range(section: object, name: str, rule: str, *fields: str) -> None:
+    """Raise ConfigError `name.field=value must be RULE` for the first of `fields` outside `RANGES[rule]`."""
+    for f in fields:
+        value = getattr(section, f)
+        if not RANGES[rule](value):
+            raise ConfigError(f"{name}.{f}={value} must be {rule}")
+
+
+class Section:
+    """Base of a config section: types are checked as it is built (`build_dataclass`); the rules on its values
+    live in its own `check`, next to the fields they are about. `pretrain.config.Config` runs every section's
+    `check` with the section's name when it is built, so an invalid config is never handed to a run."""
+
+    def check(self, name: str) -> None:
+        """Raise ConfigError naming `name.field` for a value its rules refuse (a section without rules has none)."""
 
 
 def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:

@@ -1,11 +1,22 @@
 """Config: YAML + dotted overrides into typed dataclasses, with one clear line for each mistake."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pretrain.config import ConfigError, config_from_dict, load_config, main, save_config
+from pretrain.config import (
+    BatchPlan,
+    Config,
+    ConfigError,
+    ModelConfig,
+    config_from_dict,
+    head_size,
+    load_config,
+    main,
+    save_config,
+)
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 
@@ -54,11 +65,52 @@ def test_bad_overrides_name_the_key(override, message):
         load_config("configs/tiny_digits.yaml", [override])
 
 
-def test_batch_not_divisible_by_world_size():
+def test_batch_plan_splits_the_global_batch_over_ranks_and_micro_steps():
     cfg = load_config("configs/tiny_digits.yaml", ["train.micro_batch_size=16", "train.global_batch_size=64"])
-    assert cfg.train.grad_accum_steps(2) == 2
-    with pytest.raises(ConfigError, match="world size \\(3\\)"):
-        cfg.train.grad_accum_steps(3)
+    plan = BatchPlan.of(cfg.train, world_size=2)
+    assert (plan.micro_batch, plan.accum_steps, plan.world_size) == (16, 2, 2)
+    assert (plan.per_rank, plan.global_batch) == (32, 64)
+    with pytest.raises(ConfigError, match="world size \\(3\\); use a multiple of 48"):
+        BatchPlan.of(cfg.train, world_size=3)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.shuffle_buffer=0", "data.shuffle_buffer=0 must be > 0"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
+        ("data.eval_crop_pct=1.5", "data.eval_crop_pct=1.5 must be in (0, 1]"),
+        ("model.drop_path_rate=1.0", "model.drop_path_rate=1.0 must be in [0, 1)"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 must be >= 0"),
+        ("schedule.min_lr_ratio=1", "schedule.min_lr_ratio=1.0 must be in [0, 1)"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last=0 must be > 0"),
+        ("log.every_steps=0", "log.every_steps=0 must be > 0"),
+    ],
+)
+def test_each_section_checks_its_own_fields(override, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_config("configs/tiny_digits.yaml", [override])
+
+
+def test_rules_across_sections_and_stored_configs_are_checked_when_built():
+    with pytest.raises(ConfigError, match="data.decode=gpu cannot run RandAugment"):
+        load_config("configs/tiny_digits.yaml", ["data.decode=gpu", "data.randaugment_ops=2"])
+    fp16 = ["train.precision=fp16", "train.loss=sigmoid", "model.head_bias_init=-10"]
+    with pytest.raises(ConfigError, match="head_bias_init below -8 overflows fp16"):
+        load_config("configs/tiny_digits.yaml", fp16)
+    stored = Config().to_dict()
+    stored["train"]["micro_batch_size"] = 3  # a stored config read back is typed and checked like a file
+    with pytest.raises(ConfigError, match="multiple of train.micro_batch_size \\(3\\)"):
+        config_from_dict(stored)
+
+
+def test_head_size_comes_from_the_data_unless_the_model_sets_it():
+    assert head_size(ModelConfig(), 10, []) == 10 and head_size(ModelConfig(), 0, ["a", "b"]) == 2
+    assert head_size(ModelConfig(num_classes=7), 0, []) == 7
+    with pytest.raises(ConfigError, match="model.num_classes=7 but the shards have 10 classes"):
+        head_size(ModelConfig(num_classes=7), 10, [])
+    with pytest.raises(ConfigError, match="model.num_classes is unset and the shards carry no class list"):
+        head_size(ModelConfig(), 0, [])
 
 
 def test_cli_prints_resolved_config(capsys):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint_format as fmt
-from pretrain.config import ConfigError, load_config
+from pretrain.config import BatchPlan, ConfigError, load_config
 from pretrain.losses import classification_loss
 from pretrain.models.vit import create_vit, resolve_args
 from pretrain.train import checkpointer as ckpt
@@ -21,7 +21,7 @@ from pretrain.train.engine import deepspeed_config, lr_lambda, param_groups
 from pretrain.train.evaluate import Evaluator
 from pretrain.train.metrics import format_line
 from pretrain.train.plot import main as plot_main
-from pretrain.train.state import TrainingError, TrainState
+from pretrain.train.state import RankRNG, TrainingError, TrainState, set_determinism
 
 
 def cfg_with(*overrides):
@@ -37,17 +37,18 @@ def test_deepspeed_json_is_derived_from_the_config():
         "optim.grad_clip=0.5",
         "optim.lr=1e-3",
     )
-    ds = deepspeed_config(cfg.train, cfg.optim, cfg.deepspeed, world_size=4, on_cuda=True)
+    plan = BatchPlan.of(cfg.train, world_size=4)
+    ds = deepspeed_config(plan, cfg.train, cfg.optim, cfg.deepspeed, on_cuda=True)
     assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["gradient_accumulation_steps"] == 2  # 64 / (8 x 4)
     assert ds["zero_optimization"]["stage"] == 3 and "stage3_prefetch_bucket_size" in ds["zero_optimization"]
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 1e-3
     assert ds["optimizer"]["params"]["torch_adam"] is False  # DeepSpeed's fused Adam on CUDA
-    cpu = deepspeed_config(cfg.train, cfg.optim, cfg.deepspeed, world_size=4, on_cuda=False)
+    cpu = deepspeed_config(plan, cfg.train, cfg.optim, cfg.deepspeed, on_cuda=False)
     assert cpu["optimizer"]["params"]["torch_adam"] is True
     with pytest.raises(ConfigError, match="world size \\(3\\)"):
-        deepspeed_config(cfg.train, cfg.optim, cfg.deepspeed, world_size=3, on_cuda=False)
+        BatchPlan.of(cfg.train, world_size=3)
 
 
 def test_lr_schedule_warmup_then_decay_to_floor():
@@ -160,21 +161,25 @@ def test_saves_and_evaluations_fall_on_their_steps():
     assert evaluator.run(engine=None) == {}  # no held-out split: nothing to evaluate
 
 
-def test_train_state_seeds_the_rank_and_restores_its_own_rng():
-    state = TrainState(seed=1, rank=1, world_size=2)
-    assert torch.initial_seed() == 1001 and state.mixup_rng.initial_seed() == 1001
-    saved = rng_state(state.mixup_rng)
-    first = torch.rand(3), torch.rand(3, generator=state.mixup_rng)
+def test_set_determinism_seeds_the_rank_and_rank_rng_restores_its_own_state():
+    mixup = set_determinism(seed=1, rank=1)
+    assert torch.initial_seed() == 1001 and mixup.initial_seed() == 1001
+    rng = RankRNG(mixup, rank=1, world_size=2)
+    assert rng.per_rank and not TrainState.per_rank  # the checkpointer gathers the one, not the other
+    saved = rng.state_dict()
+    first = torch.rand(3), torch.rand(3, generator=mixup)
     other = rng_state(torch.Generator().manual_seed(5))
-    state.load_state_dict({"step": 6, "samples_seen": 384, "nonfinite_steps": 1, "rng": [other, saved]})
-    assert (state.step, state.samples_seen, state.nonfinite_steps) == (6, 384, 1)
-    assert torch.equal(torch.rand(3), first[0]) and torch.equal(torch.rand(3, generator=state.mixup_rng), first[1])
-    state.load_state_dict({"step": 6, "samples_seen": 384, "nonfinite_steps": 1, "rng": [saved]})  # 1 rank saved it
+    rng.load_state_dict([other, saved])  # every rank's state: this rank takes its own
+    assert torch.equal(torch.rand(3), first[0]) and torch.equal(torch.rand(3, generator=mixup), first[1])
+    rng.load_state_dict([saved])  # 1 rank saved it
     assert not torch.equal(torch.rand(3), first[0])  # another world size: this rank's stream goes on unrestored
+    state = TrainState()
+    state.load_state_dict({"step": 6, "samples_seen": 384, "nonfinite_steps": 1})
+    assert state.state_dict() == {"step": 6, "samples_seen": 384, "nonfinite_steps": 1}
 
 
 def test_nonfinite_steps_are_counted_and_too_many_in_a_row_stop_the_run():
-    state = TrainState(seed=0, rank=0, world_size=1)
+    state = TrainState()
     for applied in (False, False, True, False, False):
         state.advance(64)
         state.count_nonfinite(applied, limit=3)

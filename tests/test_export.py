@@ -304,6 +304,39 @@ def test_unsupported_models_are_refused():
         check_options(gap, ExportOptions("timm", img_size=30))
 
 
+@pytest.mark.parametrize("head", ["keep", "drop"])
+def test_npz_through_the_jax_loaders(zero_run, tmp_path, head):
+    """A model without pre-logits layer: `--head keep` (the npz default) loads through vit_jax's fine-tuning
+    `load_pretrained`, strict `inspect_params` and big_vision's transfer `load` (mirrored in
+    tests/helpers/jax_loaders.py); `drop` everywhere but vit_jax's fine-tuning, which needs `head/*` to replace."""
+    from tests.helpers import jax_loaders as jl
+
+    assert main([str(zero_run), str(tmp_path / "npz"), "--format", "npz", "--head", head]) == 0
+    meta = json.loads((zero_run / "checkpoints" / TAG / "pretrain_meta.json").read_text())
+    got = jl.outcomes(tmp_path / "npz" / "model.npz", jl.ViTShape.of(meta["model_args"]))
+    finetune = "ok" if head == "keep" else "KeyError: 'head'"
+    want = {"vit_jax finetune": finetune, "vit_jax inspect": "ok"}
+    assert got == {**want, "big_vision transfer": "ok", "big_vision transfer drop-rep": "ok"}
+
+
+def test_no_import_circle_in_export():
+    """formats and plain share `base`; no module of the package imports one that imports it back."""
+    import ast
+
+    pkg = ROOT / "pretrain" / "export"
+    deps = {}
+    for f in pkg.glob("*.py"):
+        tree = ast.parse(f.read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        deps[f.stem] = {m.rsplit(".", 1)[1] for m in names if m.startswith("pretrain.export.")}
+
+    def reaches(a: str, b: str, seen: frozenset = frozenset()) -> bool:
+        return any(d == b or (d not in seen and reaches(d, b, seen | {d})) for d in deps.get(a, ()))
+
+    assert deps["formats"] >= {"base", "plain"} and "formats" not in deps["plain"]
+    assert [m for m in deps if reaches(m, m)] == []
+
+
 def _meta_only_checkpoint(tmp_path: Path, **meta) -> Path:
     """A tag folder holding only its pretrain_meta.json: enough for every check made before weights are read."""
     tag = tmp_path / "checkpoints" / TAG

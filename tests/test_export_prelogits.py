@@ -28,6 +28,7 @@ from pretrain.export import FORMATS, HEADS
 from pretrain.export.__main__ import main
 from pretrain.models.vit import VisionTransformer, ViTArgs
 from pretrain.ports import free_port
+from tests.helpers import jax_loaders as jl
 
 pytestmark = pytest.mark.slow  # a 2-rank DeepSpeed launch (~20 s, more on a loaded machine)
 
@@ -256,6 +257,50 @@ def test_npz_is_the_jax_layout(run, reference, tmp_path):
     _load_weights(model, str(tmp_path / "npz" / "model.npz"))
     got = model.state_dict()
     assert [k for k in got if not torch.equal(got[k], reference[k])] == []  # the backbone, bit for bit
+
+
+# What vit_jax's and big_vision's own loading code does with each `--head` of `--format npz` of a pre-logits model
+# (tests/helpers/jax_loaders.py mirrors it; `outcomes` names each use). "ok", or what the error names. The same
+# table is in docs/export.md ("npz: which JAX loader takes which --head").
+JAX_LOADERS = {
+    "keep": {
+        "vit_jax finetune": "ok",  # load_pretrained: pre-logits emptied (representation_size None), head replaced
+        "vit_jax finetune rep": "ok",
+        "vit_jax inspect": "ok",
+        "big_vision transfer": "pre_logits/kernel",  # dont_load head only, model without pre-logits: extra params
+        "big_vision transfer rep": "ok",
+        "big_vision transfer drop-rep": "ok",
+    },
+    "pre-logits": {
+        "vit_jax finetune": "KeyError: 'head'",  # load_pretrained copies the new head into the file's head
+        "vit_jax finetune rep": "KeyError: 'head'",
+        "vit_jax inspect": "ok",
+        "big_vision transfer": "pre_logits/kernel",
+        "big_vision transfer rep": "ok",
+        "big_vision transfer drop-rep": "ok",
+    },
+    "drop": {
+        "vit_jax finetune": "KeyError: 'head'",
+        "vit_jax finetune rep": "KeyError: 'head'",
+        "vit_jax inspect": "ok",
+        "big_vision transfer": "ok",
+        "big_vision transfer rep": "pre_logits/kernel",  # the model's pre-logits layer is not in the file
+        "big_vision transfer drop-rep": "ok",
+    },
+}
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_npz_through_the_jax_loaders(run, tmp_path, head):
+    """Each `--head` of `--format npz` put through the mirror of vit_jax's and big_vision's loaders, at the trained
+    input size and at a larger one (both resize the position embedding); the default (`keep`) loads in both."""
+    assert main([str(run), str(tmp_path / "npz"), "--format", "npz", "--head", head]) == 0
+    trained = jl.ViTShape.of({**SHAPE, "num_classes": 10, "representation_size": WIDTH})
+    for img_size in (None, 48):
+        got = jl.outcomes(tmp_path / "npz" / "model.npz", trained, img_size=img_size)
+        assert got.keys() == JAX_LOADERS[head].keys()
+        for use, want in JAX_LOADERS[head].items():
+            assert got[use] == "ok" if want == "ok" else want in got[use], (img_size, use, got[use])
 
 
 def test_finetune_and_predict_read_pth_and_npz(run, ours, tmp_path, capsys, digits_shards, digits_dir):

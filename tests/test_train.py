@@ -39,8 +39,11 @@ BASE = [
 ]
 
 
-def launch(shards: Path, out: Path, *extra: str, env: dict | None = None, timeout: int = 400) -> int:
-    """`deepspeed --num_gpus 2 --module pretrain.train` on this machine's CPU; returns the exit code."""
+def launch(
+    shards: Path, out: Path, *extra: str, env: dict | None = None, timeout: int = 400, cwd: Path | None = None
+) -> int:
+    """`deepspeed --num_gpus 2 --module pretrain.train` on this machine's CPU; returns the exit code. `cwd`: the
+    source tree whose `pretrain` the ranks run (`python -m` imports from the working folder first)."""
     cmd = [
         DEEPSPEED,
         "--num_gpus",
@@ -57,14 +60,14 @@ def launch(shards: Path, out: Path, *extra: str, env: dict | None = None, timeou
         *BASE,
         *extra,
     ]
-    return run_logged(cmd, out.parent / f"{out.name}.log", env, timeout)
+    return run_logged(cmd, out.parent / f"{out.name}.log", env, timeout, cwd)
 
 
-def run_logged(cmd: list[str], log: Path, env: dict | None = None, timeout: int = 400) -> int:
+def run_logged(cmd: list[str], log: Path, env: dict | None = None, timeout: int = 400, cwd: Path | None = None) -> int:
     """Run a launcher in its own process group, so that a timeout kills its ranks too; output goes to `log`."""
     with open(log, "w") as f:
         proc = subprocess.Popen(
-            cmd, env={**os.environ, **(env or {})}, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, env={**os.environ, **(env or {})}, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
         )
         try:
             return proc.wait(timeout=timeout)
@@ -116,6 +119,34 @@ def test_resume_after_kill_is_bit_identical(reference, digits_shards, tmp_path):
     assert launch(digits_shards, out) == 0, (tmp_path / "killed.log").read_text()[-3000:]
     assert "resumed from" in (tmp_path / "killed.log").read_text()
     assert losses(out) == losses(reference)  # every step, exactly
+    ours, ref = fp32_weights(out, "step_00000008"), fp32_weights(reference, "step_00000008")
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+FLAT_LAYOUT_COMMIT = "332af2841421607a7f946c7d3db04c5a452f18df"
+"""The last commit whose checkpoints hold the flat client state (before it was keyed by part)."""
+
+
+def test_checkpoint_of_the_flat_layout_resumes_bit_identically(reference, digits_shards, tmp_path):
+    """A checkpoint written by the code before the client state was keyed by part (checked out from git and run as
+    is) resumes under this code to the very losses and weights of the uninterrupted run."""
+    old = tmp_path / "old_source"
+    old.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", FLAT_LAYOUT_COMMIT, "pretrain", "data_tools", "configs"],
+        capture_output=True,
+    )
+    if archive.returncode:
+        pytest.skip(f"commit {FLAT_LAYOUT_COMMIT[:7]} is not in this checkout's history (a shallow clone?)")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    out = tmp_path / "flat"
+    assert launch(digits_shards, out, env={"PRETRAIN_FAULT": "step:6"}, cwd=old) != 0  # SIGKILL after step 6
+    tag = out / "checkpoints" / "step_00000004"
+    client = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    assert "parts" not in client and client["step"] == 4 and len(client["stream"]) == 2  # the flat layout
+    assert launch(digits_shards, out) == 0, (tmp_path / "flat.log").read_text()[-3000:]
+    assert "resumed from" in (tmp_path / "flat.log").read_text()
+    assert losses(out) == losses(reference)  # steps 1-4 of the old code, 5-8 of this one, as one run
     ours, ref = fp32_weights(out, "step_00000008"), fp32_weights(reference, "step_00000008")
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
 
@@ -233,7 +264,7 @@ def test_resume_into_another_model_shape_is_refused(reference, digits_shards, ca
 
 
 def test_resume_on_another_world_size_through_universal_checkpoint(reference, digits_shards, tmp_path):
-    """2 ranks -> 1 rank: convert with pretrain.universal, resume with plain `python -m pretrain.train`."""
+    """2 ranks -> 1 rank: convert with vit-universal, resume with plain `python -m pretrain.train`."""
     import shutil
 
     from pretrain.train.universal import main as universal_main
@@ -298,5 +329,8 @@ def test_test_helper_saves_through_the_trainers_checkpointer(reference, tmp_path
     assert list(read_meta(ours)) == list(read_meta(theirs))
     # Our own test checkpoints: DeepSpeed pickles non-tensor objects (its config, our client state) in this file.
     states = [torch.load(d / "mp_rank_00_model_states.pt", weights_only=False) for d in (ours, theirs)]
-    assert set(states[0]) == set(states[1]) - {"stream"}
-    assert states[0]["step"] == 2 and states[0]["samples_seen"] == 2 * 2 * 2  # 2 steps of 2 ranks x 2 images
+    assert set(states[0]) == set(states[1])
+    parts = [s["parts"] for s in states]  # the client state, keyed by part
+    assert set(parts[0]) == set(parts[1]) - {"stream"} == {"state", "rng"}
+    assert parts[0]["state"]["step"] == 2 and parts[0]["state"]["samples_seen"] == 2 * 2 * 2  # 2 steps, 2 ranks x 2
+    assert len(parts[0]["rng"]) == len(parts[1]["stream"]) == 2  # per-rank parts: every rank's state

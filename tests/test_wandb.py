@@ -7,14 +7,14 @@ import importlib.util
 import pytest
 import torch
 
-from pretrain.config import ConfigError, LogConfig, TrainConfig, load_config, save_config
+from pretrain.config import BatchPlan, ConfigError, LogConfig, load_config, save_config
 from pretrain.train.metrics import Metrics
 
 
 def metrics(tmp_path, log: LogConfig) -> Metrics:
-    train = TrainConfig(steps=2, micro_batch_size=4, global_batch_size=4)
+    plan = BatchPlan(micro_batch=4, accum_steps=1, world_size=1)
     return Metrics(
-        tmp_path, log, train, rank=0, world_size=1, device=torch.device("cpu"), flops_per_image=1.0, run_name="unit"
+        tmp_path, log, plan, total_steps=2, rank=0, device=torch.device("cpu"), flops_per_image=1.0, run_name="unit"
     )
 
 
@@ -42,6 +42,8 @@ def test_offline_run_holds_the_metrics_and_the_resolved_config(tmp_path, monkeyp
 def test_enabled_without_the_package_is_a_config_error(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"pip install '\.\[wandb\]' or set log.wandb=false"):
+    with pytest.raises(
+        ConfigError, match=r"wandb is not installed: pip install 'vit-pretrain\[wandb\]' or set log.wandb=false"
+    ):
         metrics(tmp_path, LogConfig(wandb=True, tensorboard=False))
     metrics(tmp_path, LogConfig(wandb=False, tensorboard=False)).close()  # off: no package needed

@@ -1,7 +1,8 @@
 """Safe reading of untrusted shards: only the image, `cls` and `json` members are read, with explicit decoders.
 
-Member names, image extensions and the `.cls` rule are the shard format's (`data_tools.format`), shared with the
-writer and `data_tools verify`.
+Member names, image extensions and the `.cls` rule are the shard format's (`data_tools.format`); the image decoder
+(`decode_rgb`, `image_size`, the size guard) is `data_tools.decode`: all shared with the writer and
+`data_tools verify`, so what they accept is what the stream reads.
 
 webdataset's default `.decode()` would unpickle `.pyd` / `.pickle` / `.pth` members, which runs arbitrary code from
 the shard. Here every other member is skipped unread (the tar stream seeks past it), so nothing in a shard is ever
@@ -10,23 +11,28 @@ unpickled or executed.
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
-import torch
 import webdataset as wds
-from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+from data_tools.decode import BadSample, decode_rgb, image_size, is_jpeg
 from data_tools.format import LABEL_EXT, SAMPLE_EXTS, LabelError, image_ext, is_ignored, parse_cls, split_name
 from data_tools.storage import IOPolicy, StorageError, is_remote, open_stream
 
-MAX_PIXELS = 1 << 28
-"""Larger images are rejected as corrupt (a decompression bomb guard, as Pillow's)."""
+__all__ = [  # the decoder's names are re-exported: the stream's modules take them from here
+    "BadSample",
+    "BadShard",
+    "RawSample",
+    "decode_rgb",
+    "image_bytes",
+    "image_size",
+    "is_jpeg",
+    "label_of",
+    "read_shard",
+]
 _ZERO_BLOCK = bytes(512)
 
 
@@ -36,10 +42,6 @@ class BadShard(Exception):
     def __init__(self, url: str, reason: str):
         super().__init__(f"{url}: {reason}")
         self.url, self.reason = url, reason
-
-
-class BadSample(Exception):
-    """A sample lacks its image or label, or the image cannot be decoded."""
 
 
 @dataclass
@@ -187,68 +189,3 @@ def image_bytes(sample: RawSample) -> tuple[bytes, str]:
     if ext is None:
         raise BadSample(f"{sample.key}: no image member")
     return sample.members[ext], ext
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the image header only; raises BadSample if the header is unreadable or huge."""
-    size = _jpeg_size(data) if is_jpeg(data) else None
-    if size is None:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                size = im.size
-        except Exception as e:  # noqa: BLE001 - Pillow raises many types for malformed input
-            raise BadSample(f"unreadable image header ({type(e).__name__})") from None
-    w, h = size
-    if w <= 0 or h <= 0 or w * h > MAX_PIXELS:
-        raise BadSample(f"image size {w}x{h} out of range")
-    return w, h
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the first SOF marker, walking the marker segments (a few microseconds, no PIL)."""
-    i, n = 2, len(data)
-    while i + 9 < n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame: P, Y, X
-            h, w = int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
-            return (w, h) if w and h else None
-        i += 2 + length
-    return None
-
-
-def is_jpeg(data: bytes) -> bool:
-    """True for JPEG bytes (SOI marker), whatever the member's extension says."""
-    return data[:2] == b"\xff\xd8"
-
-
-def decode_rgb(data: bytes, reduce: int = 1) -> torch.Tensor:
-    """Decode to a uint8 RGB tensor (3, H, W).
-
-    Args:
-        data: encoded image.
-        reduce: 1, 2, 4 or 8: JPEG draft mode, decoding at 1/reduce scale (much faster for large originals).
-
-    Raises:
-        BadSample: the image is corrupt or truncated.
-    """
-    try:
-        if is_jpeg(data) and reduce == 1:
-            # libjpeg-turbo straight to a tensor; no PIL object, no float conversion
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        if not is_jpeg(data) and data[:8] == b"\x89PNG\r\n\x1a\n":
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        with Image.open(io.BytesIO(data)) as im:
-            if reduce > 1 and im.format == "JPEG":
-                im.draft("RGB", (im.width // reduce, im.height // reduce))
-            arr = np.asarray(im.convert("RGB"))  # (H, W, 3)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, H, W), a view with channel-first strides
-    except BadSample:
-        raise
-    except Exception as e:  # noqa: BLE001 - decoders raise RuntimeError, OSError, SyntaxError, ... on bad input
-        raise BadSample(f"corrupt image ({type(e).__name__}: {str(e)[:80]})") from None

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pretrain.data.decode import BadSample, image_bytes, label_of
-from pretrain.data.stages import Counters, Indexes, label_tensor, shard_samples
+from pretrain.data.decode import image_bytes, label_of
+from pretrain.data.stages import Counters, Indexes, label_tensor, shard_samples, skip_reason
 from pretrain.data.stream import StreamSpec
 
 
@@ -80,10 +80,11 @@ class EvalStream(IterableDataset):
                 seen = i + 1
                 try:
                     labels = label_of(raw)
-                    yield raw.key, s.transform(image_bytes(raw)[0]), labels
-                except BadSample as e:
-                    c.sample(f"{raw.key}: {e}")
-                    yield raw.key, None, None
+                    image = s.transform(image_bytes(raw)[0])
+                except Exception as e:  # noqa: BLE001 - the skip rule (stages.skip_reason): one sample, not the pass
+                    c.sample(skip_reason(raw.key, e))
+                    image = labels = None
+                yield raw.key, image, labels
             for _ in range(i1 - seen):  # positions the shard did not deliver
                 yield "", None, None
             g = offsets[k] + i1

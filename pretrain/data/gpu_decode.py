@@ -141,13 +141,13 @@ class DeviceBatches:
         """Decoded images on the device, None where neither the device decoder nor the CPU could read one."""
         try:
             return list(self.decoder(datas))
-        except RuntimeError:
-            pass  # one bad image fails the whole batched call: try them one by one
+        except Exception:  # noqa: BLE001 - one bad image fails the whole batched call: try them one by one
+            pass
         out: list[torch.Tensor | None] = []
         for data in datas:
             try:
                 out.append(self.decoder([data])[0])
-            except RuntimeError:
+            except Exception:  # noqa: BLE001 - whatever the device decoder raises, the CPU decoder judges the image
                 out.append(_cpu_decode(data, self.device))
         return out
 

@@ -6,11 +6,13 @@ for batch in loader:                            # infinite: epochs follow each o
     x = normalize(batch["image"].to(dev, non_blocking=True), cfg.data.mean, cfg.data.std, torch.bfloat16)
     ...
     states = all_gather_object(loader.state_dict())   # stored in the checkpoint
+
+Workers ignore stop signals (`workers.py`): the loaders stop them themselves, with `close()` (or `with loader:`),
+after an error, and at the program's exit at the latest, so a script that takes a batch and returns ends.
 """
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterator
 
@@ -25,34 +27,10 @@ from pretrain.data.positions import batches_per_rank, unfinished
 from pretrain.data.shards import ShardError, ShardList, resolve_shards
 from pretrain.data.stream import StreamSpec, TrainStream
 from pretrain.data.transforms import EvalTransform, TrainTransform
-from pretrain.exit_codes import STOP_SIGNALS
+from pretrain.data.workers import closed, running, stop_workers
+from pretrain.data.workers import make_dataloader as _dataloader
 
 STATE_VERSION = 1
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """A worker outlives SIGTERM / SIGUSR1 sent to the whole job (SLURM signals every process of a step): its rank
-    still needs batches to finish the current step and save (`pretrain.train.preemption`). Workers end with their
-    rank: the DataLoader's shutdown, or its watchdog when the rank is gone."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-
-
-def _dataloader(ds, num_workers: int, pin_memory: bool | None, prefetch: int) -> DataLoader:
-    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    return DataLoader(
-        ds,
-        batch_size=None,  # workers yield whole batches
-        num_workers=num_workers,
-        pin_memory=pin,
-        persistent_workers=num_workers > 0,
-        prefetch_factor=prefetch if num_workers > 0 else None,
-        worker_init_fn=ignore_stop_signals,
-        # Without a generator of its own, every iter() draws its worker base seed from torch's global RNG: a resumed
-        # run would then draw at another point than the uninterrupted one, and its dropout masks would differ.
-        # Our workers seed every random choice themselves, so a fixed base seed changes no batch.
-        generator=torch.Generator().manual_seed(0),
-    )
 
 
 class TrainLoader:
@@ -60,6 +38,7 @@ class TrainLoader:
 
     Iterate it once (the iterator is infinite); `state_dict()` describes the batches consumed so far. With
     `on_device` (`data.decode=gpu`) each batch's images are assembled on the device before it is handed out.
+    `close()` (or `with loader:`) stops the workers; so does an error, dropping the iterator, or the program's exit.
     """
 
     def __init__(
@@ -81,6 +60,7 @@ class TrainLoader:
         self.num_classes, self.class_names = shards.num_classes, shards.class_names
         self._resume: dict | None = None
         self._started = False
+        self._it = None  # the DataLoader iterator, while workers may run
         self._epoch, self._k, self._reseed = 0, 0, 0
         self._segment = [[0, shards.num_samples or 0]]
         self._new_epoch_workers()
@@ -105,28 +85,49 @@ class TrainLoader:
     def epoch(self) -> int:
         return self._epoch
 
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes now (idempotent); the loader yields nothing more."""
+        self._started = True  # a closed loader is not iterated again
+        it, self._it = self._it, None
+        closed(self)
+        if it is not None:
+            stop_workers(it)
+
     def __iter__(self) -> Iterator[dict]:
         if self._started:
             raise RuntimeError("a TrainLoader is iterated once (its iterator is infinite); keep the iterator")
         self._started = True
         stream = TrainStream(self.spec, self.num_workers, self._resume)
         dl = _dataloader(stream, self.num_workers, self.pin_memory, self.prefetch)
+        try:
+            yield from self._epochs(dl)
+        finally:  # an error, close(), or the iterator dropped: stop the workers now, not at garbage collection
+            self.close()
+
+    def _epochs(self, dl: DataLoader) -> Iterator[dict]:
         while True:
-            it, t0 = iter(dl), time.perf_counter()
+            self._it = it = iter(dl)  # persistent workers: the same iterator (and processes) every epoch
+            running(self, it)
+            t0 = time.perf_counter()
             while True:
                 try:
                     batch = next(it)
                 except StopIteration:
                     break
-                except BaseException:
-                    _shutdown(it)  # stop the other workers now, rather than at garbage collection
-                    raise
                 self._consume(batch.pop("_meta"))
                 if self.on_device is not None:  # data.decode=gpu: decoding is part of the wait for data
                     self._base["bad_samples"] += self.on_device(batch)
                 self._wait += time.perf_counter() - t0
                 self._images += batch["image"].shape[0]
                 yield batch
+                if self._it is None:  # closed while the caller held this batch
+                    return
                 t0 = time.perf_counter()
             if self.spec.mode == "resampled":
                 return
@@ -254,17 +255,16 @@ class TrainLoader:
         self._resume = {"epoch": self._epoch, "segment": self._segment, "skip_raw": zeros, "skip_batches": zeros}
 
 
-def _shutdown(it) -> None:
-    if hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
-
-
 def _zero_counters() -> dict:
     return {"bad_samples": 0, "bad_shards": 0, "last_bad_shard": ""}
 
 
 class EvalLoader:
-    """Evaluation batches of one rank: {"image", "label", "mask": bool (B,), "key"}; `len()` equal on all ranks."""
+    """Evaluation batches of one rank: {"image", "label", "mask": bool (B,), "key"}; `len()` equal on all ranks.
+
+    Its workers persist from one pass to the next; `close()` (or `with loader:`), an error in a pass, or the
+    program's exit stops them (a pass after `close()` starts new ones).
+    """
 
     def __init__(self, shards: ShardList, spec: StreamSpec, num_workers: int, pin_memory=None, prefetch: int = 2):
         if shards.lengths is None:
@@ -276,7 +276,24 @@ class EvalLoader:
         self.num_samples = sum(shards.lengths)
         self.last_bad_counts = {"bad_samples": 0, "bad_shards": 0}
         """Bad samples / shards met by the latest (or current) pass."""
-        self._dl = _dataloader(EvalStream(spec, num_workers), num_workers, pin_memory, prefetch)
+        self._loader_args = (num_workers, pin_memory, prefetch)
+        self._dl = _dataloader(EvalStream(spec, num_workers), *self._loader_args)
+        self._it = None  # the DataLoader iterator, while workers may run
+
+    def __enter__(self) -> EvalLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes now (idempotent); the next pass starts new ones."""
+        it, self._it = self._it, None
+        closed(self)
+        if it is not None:
+            stop_workers(it)
+            # a fresh DataLoader: the old one would hand the stopped iterator to the next pass
+            self._dl = _dataloader(EvalStream(self.spec, self._loader_args[0]), *self._loader_args)
 
     def __len__(self) -> int:
         return self.slots * eval_batches_per_worker(
@@ -285,7 +302,16 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict]:
         counters: dict[int, dict] = {}
-        for batch in self._dl:
+        self._it = it = iter(self._dl)
+        running(self, it)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except BaseException:
+                self.close()  # a worker failed (e.g. too many bad shards): the others must not outlive the error
+                raise
             meta = batch.pop("_meta")
             counters[meta["worker"]] = meta
             self.last_bad_counts = {k: sum(c[k] for c in counters.values()) for k in ("bad_samples", "bad_shards")}

@@ -6,8 +6,9 @@ webdataset stages), shared by the training stream's two modes and the evaluation
     labelled        a sample without an image or a valid `.cls` is counted and left out
     Shuffler        a shuffle buffer whose state can be saved and restored
     replay          resume without a saved buffer: the saved run's draws are passed over without decoding
-    augmented       decode and transform each sample with its own seed; a corrupt image is counted and left out
-                    (`data.decode=gpu`: JPEGs are only cropped on paper, see `gpu_decode`)
+    augmented       decode and transform each sample with its own seed; a sample whose decode or transform fails,
+                    for whatever reason, is counted and left out (`data.decode=gpu`: JPEGs are only cropped on
+                    paper, see `gpu_decode`)
     batched         fixed-size uint8 batches (and the undecoded JPEGs of `data.decode=gpu`)
 
 Every stage pulls one item at a time from the one before and looks no further ahead, so the counters a batch
@@ -25,6 +26,7 @@ from typing import NamedTuple, TypeVar
 import torch
 
 from data_tools import format as fmt
+from data_tools.decode import reason
 from data_tools.storage import IOPolicy, StorageError, is_remote, read_bytes
 from pretrain.data.decode import BadSample, BadShard, RawSample, image_bytes, label_of, read_shard
 from pretrain.data.gpu_decode import JpegCrop, pack_jpegs
@@ -120,6 +122,16 @@ class Indexes:
         return self.cache[url]
 
 
+def skip_reason(key: str, e: Exception) -> str:
+    """Why sample `key` is left out: a `BadSample`'s own message (it says what the file is), else `Type: message`.
+
+    Any exception of one sample's decode or transform is such a reason (the stream's skip rule): one odd image
+    never ends a worker, and with it the run.
+    """
+    why = str(e) if isinstance(e, BadSample) else reason(e)
+    return why if why.startswith(f"{key}:") else f"{key}: {why}"
+
+
 def labelled(raw: RawSample, counters: Counters) -> list[int] | None:
     """The sample's labels when it has an image and a valid `.cls`; else None, counted as a bad sample."""
     try:
@@ -186,8 +198,8 @@ def augmented(
         raw = sample.raw
         try:
             img = transform(image_bytes(raw)[0], random.Random(sample.seed))
-        except BadSample as e:
-            counters.sample(f"{raw.key}: {e}")
+        except Exception as e:  # noqa: BLE001 - the skip rule: see skip_reason
+            counters.sample(skip_reason(raw.key, e))
             continue
         yield drawn, img, sample.labels, raw.key
 

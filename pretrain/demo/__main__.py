@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from data_tools.digits import write_digits
+from data_tools.extras import MissingExtra, require
 from data_tools.shard import shard
 from data_tools.summary import format_summary
 from pretrain.checkpoint_format import newest_complete
@@ -27,6 +28,15 @@ from pretrain.demo.downstream import check_libraries, finetune_compare
 from pretrain.train.plot import plot, read_metrics
 
 CONFIG = "configs/tiny_digits.yaml"
+DEMO_LIBRARIES = [
+    ("sklearn", "scikit-learn"),
+    ("deepspeed", None),
+    ("matplotlib", None),
+    ("timm", None),
+    ("transformers", None),
+    ("accelerate", None),
+]
+"""(module, its name on PyPI when not the module's) of every library the demo's stages use."""
 TARGET_TOP1 = 0.80
 
 
@@ -56,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--finetune-steps", type=int, default=60)
     args = p.parse_args(argv)
+    try:  # the `demo` extra: every stage's libraries, checked before the first stage
+        for module, package in DEMO_LIBRARIES:
+            require(module, package)
+    except MissingExtra as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     t0 = time.time()
     out = args.out
     run = out / "run"

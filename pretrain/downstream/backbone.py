@@ -1,4 +1,4 @@
-"""Load exported weights into our ViT: `pretrain.finetune` (new head, maybe a new input size) and `pretrain.predict`
+"""Load exported weights into our ViT: `vit-finetune` (new head, maybe a new input size) and `vit-predict`
 (head as saved) read them through `load_backbone`.
 
 Three sources:
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import DataConfig
+from pretrain.config import Config, DataConfig
 from pretrain.export.formats import ADAPTERS, CONFIG, INFO, TIMM, WEIGHTS, ExportOptions, metadata_files
 from pretrain.export.plain import read_npz, read_pth
-from pretrain.models.specs import SHAPE_FIELDS, SPECS, UnknownModelError, ViTArgs, get_spec, spec_of_shape
+from pretrain.models.specs import SPECS, VARIANT_FIELDS, UnknownModelError, ViTArgs, get_spec, spec_of_shape
 from pretrain.models.vit import VisionTransformer, resize_pos_embed
 
 PLAIN = (".pth", ".npz")
@@ -114,7 +114,7 @@ def args_from_config(cfg: dict) -> tuple[str, ViTArgs]:
         raise BackboneError(f"model_args of {arch} do not fit a ViT ({e}); export with --format timm") from e
     variant = spec_of_shape(args)
     if variant is None:
-        shape = ", ".join(f"{k}={getattr(args, k)}" for k in SHAPE_FIELDS)
+        shape = ", ".join(f"{k}={getattr(args, k)}" for k in VARIANT_FIELDS)
         raise BackboneError(
             f"model_args in {CONFIG} ({shape}) are the shape of no registered variant; "
             f"known: {', '.join(sorted(SPECS))}"
@@ -322,11 +322,11 @@ def export_files(
     model: VisionTransformer, variant: str, class_names: list[str], mean, std, crop_pct: float, step: int = 0
 ) -> dict[str, dict]:
     """`config.json` (timm `local-dir:` layout) and `export_info.json` for a model, as `pretrain.export` writes them,
-    so `load_backbone`, `pretrain.predict` and timm read a fine-tuned result like an export."""
+    so `load_backbone`, `vit-predict` and timm read a fine-tuned result like an export."""
     meta = {
         "model_name": variant,
         "class_names": list(class_names),
-        "config": {"data": {"mean": list(mean), "std": list(std), "eval_crop_pct": crop_pct}},
+        "config": Config(data=DataConfig(mean=tuple(mean), std=tuple(std), eval_crop_pct=crop_pct)).to_dict(),
         "step": step,
     }
     return metadata_files(model.args, meta, ExportOptions(format="timm"))

@@ -1,7 +1,7 @@
 """Fine-tune or linear-probe an exported backbone with accelerate.
 
-    python -m pretrain.finetune --weights EXPORT_DIR|FILE.pth|FILE.npz --data DATA --out OUT [--epochs E | --steps N]
-    accelerate launch -m pretrain.finetune --weights EXPORT_DIR --data DATA --out OUT --mixed-precision bf16 ...
+    vit-finetune --weights EXPORT_DIR|FILE.pth|FILE.npz --data DATA --out OUT [--epochs E | --steps N]
+    accelerate launch -m pretrain.downstream.finetune --weights EXPORT_DIR --data DATA --out OUT --mixed-precision bf16
 
 DATA is a shard folder (`python -m data_tools shard`, with `_info.json`) or an image folder with one sub-folder per
 class (sharded once into a cache folder, so the same input stream reads it). Each process reads its own part of the
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from data_tools.errors import DataToolsError
+from data_tools.extras import require
 from pretrain.config import DataConfig
 from pretrain.data import EvalLoader, ShardError, TrainLoader, normalize
 from pretrain.downstream.backbone import (
@@ -303,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     """The command line: one error line and exit code 2 for bad options, weights or data."""
     o = parse_options(argv, __doc__.split("\n")[0])
     try:
+        require("accelerate")  # the `finetune` extra
         r = run(o)
-    except (FinetuneError, BackboneError, ShardError, DataToolsError) as e:  # DataToolsError: sharding an image folder
+    # DataToolsError: sharding an image folder, or a missing extra (MissingExtra)
+    except (FinetuneError, BackboneError, ShardError, DataToolsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from accelerate import PartialState

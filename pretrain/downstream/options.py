@@ -1,4 +1,5 @@
-"""The options of `pretrain.finetune`: one typed dataclass, the command line built over it, and their checks."""
+"""The options of `vit-finetune` (`pretrain.downstream.finetune`): one typed dataclass, the command line built over
+it, and their checks."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ class FinetuneError(ValueError):
 
 @dataclass
 class FinetuneOptions:
-    """What `pretrain.finetune` does; each field is the command-line option of the same name (docs/finetune.md)."""
+    """What `vit-finetune` does; each field is the command-line option of the same name (docs/finetune.md)."""
 
     data: str
     """Shard folder with `_info.json`, or an image folder of class folders (sharded once into a cache folder)."""
@@ -88,9 +89,7 @@ class FinetuneOptions:
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     """The command line; an option left out keeps the `FinetuneOptions` default (the one home of the defaults)."""
-    ap = argparse.ArgumentParser(
-        prog="python -m pretrain.finetune", description=description, argument_default=argparse.SUPPRESS
-    )
+    ap = argparse.ArgumentParser(prog="vit-finetune", description=description, argument_default=argparse.SUPPRESS)
     add = ap.add_argument
     add("--weights", help="exported backbone: timm / pth / npz export folder or .pth / .npz file; omit: from scratch")
     add("--data", required=True, help="shard folder with _info.json, or image folder of class folders")

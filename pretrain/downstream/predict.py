@@ -1,8 +1,8 @@
 """Top-5 classes of images under a fine-tuned (or exported with its head) model.
 
-    python -m pretrain.predict WEIGHTS_DIR IMAGE [IMAGE ...] [--top-k 5]
+    vit-predict WEIGHTS_DIR IMAGE [IMAGE ...] [--top-k 5]          (or python -m pretrain.downstream.predict)
 
-WEIGHTS_DIR is a folder in the timm layout (`pretrain.finetune --out`, or `pretrain.export --format timm` with its
+WEIGHTS_DIR is a folder in the timm layout (`vit-finetune --out`, or `vit-export --format timm` with its
 head), a `pretrain.export --format pth|npz` folder, or a `.pth` / `.npz` file (`pretrain.downstream.backbone`).
 Each image gets the evaluation transform of the input stream (shorter side resized to img_size / crop_pct, centre
 crop, normalised with the weights' mean/std), and its top classes are printed with their probabilities:
@@ -62,8 +62,8 @@ def predict(bb: Backbone, images: torch.Tensor, k: int = 5) -> list[list[tuple[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pretrain.predict", description="Top-5 classes of images.")
-    ap.add_argument("weights", help="pretrain.finetune --out or pretrain.export folder, or a .pth / .npz file")
+    ap = argparse.ArgumentParser(prog="vit-predict", description="Top-5 classes of images.")
+    ap.add_argument("weights", help="vit-finetune --out or vit-export folder, or a .pth / .npz file")
     ap.add_argument("images", nargs="+", help="image files")
     ap.add_argument("--top-k", type=int, default=5, help="classes printed per image")
     a = ap.parse_args(argv)
@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError("--top-k must be at least 1")
         bb = load_backbone(a.weights)
         if bb.model.args.num_classes <= 0:
-            raise PredictError(
-                f"{a.weights} is a backbone without a head; fine-tune it with `python -m pretrain.finetune`"
-            )
+            raise PredictError(f"{a.weights} is a backbone without a head; fine-tune it with `vit-finetune`")
         images = load_images(a.images, bb.model.args.img_size, bb.crop_pct)
     except (BackboneError, PredictError) as e:
         print(f"error: {e}", file=sys.stderr)

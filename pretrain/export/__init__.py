@@ -25,15 +25,10 @@ import torch
 from data_tools.fsutil import atomic_path, check_replaceable
 from pretrain import checkpoint_format
 from pretrain.checkpoint_format import META, CheckpointError
+from pretrain.export.base import DTYPES, HEADS, INFO, WEIGHTS, ExportError, ExportOptions
 from pretrain.export.formats import (
     ADAPTERS,
-    DTYPES,
     FORMATS,
-    HEADS,
-    INFO,
-    WEIGHTS,
-    ExportError,
-    ExportOptions,
     check_options,
     default_head,
     map_tensor,

@@ -6,96 +6,34 @@ Our parameter names are timm's, so the timm adapter keeps them; the others renam
 can hold and writes the JSON files (constructor arguments, labels, preprocessing) its library reads. Every mapping
 works one tensor at a time, so the export can stream: `map_tensor` is also run on `meta` tensors to know every
 output name and shape before any data is read. A new format is one adapter added to `ADAPTERS`; a new model family
-is one entry in `pretrain.models.specs`.
+is one entry in `pretrain.models.specs`. The `Adapter` interface and what every format shares: `pretrain.export.base`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from pretrain.checkpoint_format import META
-from pretrain.export.safetensors_stream import write_safetensors
-from pretrain.models.specs import SPECS, ModelSpec, UnknownModelError, ViTArgs, get_spec
+from pretrain.config import ConfigError, config_from_dict
+from pretrain.export.base import (
+    CONFIG,
+    DTYPES,
+    HEADS,
+    INFO,
+    WEIGHTS,  # noqa: F401 - re-exported (pretrain.downstream.backbone reads it from here)
+    Adapter,
+    ExportError,
+    ExportOptions,
+    Metadata,
+)
+from pretrain.export.plain import NpzAdapter, PthAdapter
+from pretrain.models.specs import BACKBONE_FIELDS, SPECS, ModelSpec, UnknownModelError, ViTArgs, get_spec
 from pretrain.models.vit import resize_pos_embed
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-HEADS = ("keep", "pre-logits", "drop")
-"""--head: keep the pre-logits layer and the head, keep the pre-logits layer alone, or drop both."""
-
-# What an export folder holds (also what `pretrain.downstream.backbone` reads back and fine-tuning writes).
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-INFO = "export_info.json"
-
-
-class ExportError(ValueError):
-    """The export cannot be done as asked; the message says why and what to do instead."""
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """What to write."""
-
-    format: str
-    """One of `FORMATS`."""
-    dtype: str = "float32"
-    """Floating-point dtype of the written tensors: `float32` or `bfloat16`."""
-    head: str = "keep"
-    """One of `HEADS`: `keep` the head (and pre-logits layer), `pre-logits` without the head, or `drop` both."""
-    img_size: int | None = None
-    """Resample the position embedding (bicubic) for this input size; None keeps the trained size."""
-
-
-@dataclass(frozen=True)
-class Metadata:
-    """What the files say besides the model's shape."""
-
-    class_names: list[str]
-    """Names of the head's classes; empty without a head."""
-    mean: list[float]
-    """Normalisation mean of the inputs."""
-    std: list[float]
-    """Normalisation std of the inputs."""
-    crop_pct: float
-    """Evaluation centre-crop fraction."""
-    dtype: str
-    """dtype of the written weights."""
-
-
-class Adapter(ABC):
-    """One target library: which models it holds, its tensor names, and the JSON files it reads."""
-
-    name: str
-    class_token_only = False
-    """True when the library's ViT pools the class token only (no `pool=gap`)."""
-    pre_logits_heads: tuple[str, ...] = ("drop",)
-    """The `--head` choices the library can hold for a model with a pre-logits layer."""
-    dtypes: tuple[str, ...] = tuple(DTYPES)
-    """The `--dtype` choices the file format can store."""
-    weights = WEIGHTS
-    """Name of the weights file in the output folder."""
-
-    @abstractmethod
-    def rename(self, name: str, t: torch.Tensor, args: ViTArgs, head: str) -> list[tuple[str, torch.Tensor]]:
-        """One of our (timm-named) tensors of the model `args` -> (name, tensor) of the library; `head`: `HEADS`."""
-
-    @abstractmethod
-    def config_files(self, spec: ModelSpec, args: ViTArgs, md: Metadata) -> dict[str, dict[str, Any]]:
-        """JSON files (name -> content) the library needs next to the weights of the model `args` describe."""
-
-    def write(
-        self, path: Path, plan: dict[str, tuple[torch.Size, torch.dtype]], tensors: Iterator, info: dict[str, str]
-    ) -> None:
-        """Stream `tensors` (in `plan` order) into the weights file `path`; `info`: file metadata, where it has any."""
-        write_safetensors(path, plan, tensors, info)
 
 
 class TimmAdapter(Adapter):
@@ -120,14 +58,13 @@ class TimmAdapter(Adapter):
     def config_files(self, spec: ModelSpec, args: ViTArgs, md: Metadata) -> dict[str, dict[str, Any]]:
         # Read by timm's `local-dir:` source (timm/models/_hub.py: load_model_config_from_path, _parse_model_cfg).
         pool = "token" if args.pool == "token" else "avg"
-        shape = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
         config = {
             "architecture": self.architecture(spec),
             "num_classes": args.num_classes,
             "num_features": args.embed_dim,
             "global_pool": pool,
             **({"label_names": md.class_names} if args.num_classes > 0 else {}),
-            "model_args": {**{k: getattr(args, k) for k in shape}, "global_pool": pool},
+            "model_args": {**{k: getattr(args, k) for k in BACKBONE_FIELDS}, "global_pool": pool},
             "pretrained_cfg": {
                 "input_size": [args.in_chans, args.img_size, args.img_size],
                 "fixed_input_size": True,
@@ -283,9 +220,6 @@ class HFAdapter(RenamingAdapter):
         return {CONFIG: config, "preprocessor_config.json": preprocessor}
 
 
-# The plain formats subclass the adapters above, so they are imported once those exist.
-from pretrain.export.plain import NpzAdapter, PthAdapter  # noqa: E402
-
 TIMM = TimmAdapter()
 ADAPTERS: dict[str, Adapter] = {
     a.name: a for a in (TIMM, TorchvisionAdapter(), HFAdapter(), PthAdapter(), NpzAdapter())
@@ -373,13 +307,14 @@ def metadata_files(args: ViTArgs, meta: dict[str, Any], opts: ExportOptions) -> 
         spec = get_spec(meta.get("model_name"))
     except UnknownModelError as e:
         raise ExportError(f"{e} (model_name in {META})") from None
+    stored = meta.get("config")
+    if not isinstance(stored, dict) or "data" not in stored:
+        raise ExportError(f"{META} lacks config.data (the preprocessing); the checkpoint is damaged")
     try:
-        data = meta["config"]["data"]
-        mean, std, crop_pct = list(data["mean"]), list(data["std"]), data["eval_crop_pct"]
-    except (KeyError, TypeError) as e:
-        raise ExportError(
-            f"{META} lacks config.data mean, std or eval_crop_pct ({e}); the checkpoint is damaged"
-        ) from e
+        data = config_from_dict(stored).data  # the run's config, typed as it was written
+    except ConfigError as e:
+        raise ExportError(f"{META} holds an unreadable config ({e}); the checkpoint is damaged") from None
+    mean, std, crop_pct = list(data.mean), list(data.std), data.eval_crop_pct
     names = list(meta.get("class_names") or [])
     head = args.num_classes > 0
     if head and len(names) != args.num_classes:

@@ -8,7 +8,9 @@
 - `npz`: the layout of the paper's `vit_jax` (`embedding/kernel` HWIO, `cls`, `Transformer/posembed_input/...`,
   `Transformer/encoderblock_N/MultiHeadDotProductAttention_1/query|key|value|out/...` with heads split,
   `MlpBlock_3/Dense_0|1/...`, `LayerNorm_0|2`, `encoder_norm`, `pre_logits/...`, `head/...`; dense kernels are
-  (in, out)), which timm's `_load_weights` and big_vision read. `_RULES` maps both ways (`read_npz` for fine-tuning).
+  (in, out)), which timm's `_load_weights`, big_vision and vit_jax read (vit_jax's fine-tuning `load_pretrained`
+  only with the head kept: it overwrites `head/*`; docs/export.md has which loader takes which `--head`). `_RULES`
+  maps both ways (`read_npz` for fine-tuning).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import IO, Any, BinaryIO
 import numpy as np
 import torch
 
-from pretrain.export.formats import HEADS, Adapter, ExportError, Metadata
+from pretrain.export.base import HEADS, Adapter, ExportError, Metadata
 from pretrain.models.specs import ModelSpec, ViTArgs
 
 Plan = dict[str, tuple[torch.Size, torch.dtype]]

@@ -33,8 +33,17 @@ class ViTArgs:
     head_bias_init: float = 0.0
 
 
-# The fields that tell variants apart; image size, head, pooling and regularisation are per-run settings.
-SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+# THE shape keys: which `ViTArgs` fields make a model another shape. Every other module reads these tuples.
+VARIANT_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+"""What tells registered variants apart; image size, head, pooling and regularisation are per-run settings."""
+INPUT_FIELDS = ("img_size", "in_chans")
+"""The input the model takes (the position embedding and the patch projection depend on them)."""
+HEAD_FIELDS = ("num_classes", "pool", "representation_size")
+"""The head: class count, pooling (`gap` adds `fc_norm`), pre-logits layer."""
+BACKBONE_FIELDS = INPUT_FIELDS + VARIANT_FIELDS
+"""The backbone at its input size: timm's `model_args` in an export's `config.json`."""
+WEIGHT_FIELDS = BACKBONE_FIELDS + HEAD_FIELDS
+"""Every field that changes a weight's shape: resuming a checkpoint that differs in any of them is refused."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,7 @@ class ModelSpec:
 
     def same_shape(self, args: ViTArgs) -> bool:
         """True when `args` describe this variant's weights (whatever the image size, head or pooling)."""
-        return all(getattr(self.args, k) == getattr(args, k) for k in SHAPE_FIELDS)
+        return all(getattr(self.args, k) == getattr(args, k) for k in VARIANT_FIELDS)
 
 
 SPECS: dict[str, ModelSpec] = {

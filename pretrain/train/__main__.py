@@ -1,8 +1,8 @@
-"""Pretraining entry point.
+"""Pretraining entry point: `vit-train` (console script) or `python -m pretrain.train`.
 
-    python -m pretrain.launch --nproc-per-node N [--nnodes M --node-rank K --master-addr A] -- --config X.yaml [...]
+    vit-launch --nproc-per-node N [--nnodes M --node-rank K --master-addr A] -- --config X.yaml [...]
     deepspeed [--num_gpus N | --hostfile H ...] --module pretrain.train --config configs/X.yaml [section.key=value ...]
-    torchrun --nproc_per_node N -m pretrain.train --config ...        (or plain `python -m pretrain.train` for 1 rank)
+    torchrun --nproc_per_node N -m pretrain.train --config ...        (or plain `vit-train --config ...` for 1 rank)
 
 Thin: parses the arguments, builds the `Trainer` (pretrain.train.trainer) and runs it.
 """
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 import torch.distributed as dist
 
+from data_tools.extras import MissingExtra, require
 from pretrain import exit_codes
 from pretrain.checkpoint_format import CheckpointError
 from pretrain.config import ConfigError, load_config
@@ -25,7 +27,7 @@ from pretrain.train.trainer import Trainer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pretrain.train", description="Pretrain a ViT with DeepSpeed ZeRO.")
+    p = argparse.ArgumentParser(prog="vit-train", description="Pretrain a ViT with DeepSpeed ZeRO.")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/vit_b16_i21k.yaml")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="dotted overrides: optim.lr=3e-4 train.steps=100 ...")
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     code = exit_codes.OK
     try:
+        require("deepspeed")  # the `train` extra
         Trainer.build(load_config(args.config, args.overrides)).run()
         if dist.is_initialized():
             dist.barrier()  # every rank is done communicating before any tears its process group down
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(e, flush=True)
         code = exit_codes.PREEMPTED
-    except (ConfigError, ShardError, CheckpointError, TrainingError) as e:
+    except (ConfigError, ShardError, CheckpointError, TrainingError, MissingExtra) as e:
         print(f"error: {e}", file=sys.stderr)
         code = exit_codes.USAGE
     finally:
@@ -56,5 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-if __name__ == "__main__":
+def cli() -> NoReturn:
+    """The `vit-train` console script: `main` run as a launched rank."""
     run_rank(main)  # DeepSpeed's shared memory cleaned; exit without finalizing beside gloo's threads
+
+
+if __name__ == "__main__":
+    cli()

@@ -4,8 +4,11 @@ The layout (tag names, `pretrain_meta.json`, `latest`) is `pretrain.checkpoint_f
 its `pretrain_meta.json` is written, after every rank saved: a crash at any moment, even in the middle of a save,
 leaves the previous complete tag as the one that resume (and `pretrain.export`) picks.
 
-The client state DeepSpeed stores with its files is flat: each part of the run (`TrainState`, the stream) writes
-and reads its own keys through `state_dict()` / `load_state_dict()`.
+The client state DeepSpeed stores with its files holds the run's parts keyed by name, under one key of its own
+(`PARTS`, so that no part name can meet one of DeepSpeed's keys): `{"parts": {name: part.state_dict()}}`. A part
+whose state differs per rank (`per_rank`) is saved as the list of every rank's state, gathered in `gather_parts`:
+the one collective a save runs besides DeepSpeed's own. Checkpoints written before this layout (one flat namespace
+of every part's keys) still resume: `client_parts` reads both.
 """
 
 from __future__ import annotations
@@ -34,26 +37,17 @@ from pretrain.checkpoint_format import (
     tag_for,
 )
 from pretrain.config import CheckpointConfig, Config
+from pretrain.models.specs import WEIGHT_FIELDS
 from pretrain.train import faults
+from pretrain.train.distributed import gather
 
 if TYPE_CHECKING:
     from pretrain.train.distributed import Stateful
     from pretrain.train.engine import Engine
 
 ResumeTarget = tuple[Path, str]  # (checkpoints folder, tag)
-# what makes a model another shape: a checkpoint of another one is refused
-SHAPE_KEYS = (
-    "img_size",
-    "patch_size",
-    "in_chans",
-    "num_classes",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-    "pool",
-    "representation_size",
-)
+PARTS = "parts"
+"""The key of DeepSpeed's client state that holds the parts: {part name: state}."""
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> ResumeTarget | None:
@@ -77,7 +71,7 @@ def resolve_resume(resume: str, output_dir: str | Path) -> ResumeTarget | None:
 
 
 def is_universal(target: ResumeTarget) -> bool:
-    """A `ds_to_universal` folder (`pretrain.universal`), which DeepSpeed loads on any world size."""
+    """A `ds_to_universal` folder (`vit-universal`), which DeepSpeed loads on any world size."""
     return (target[0] / target[1] / "zero").is_dir()
 
 
@@ -89,7 +83,7 @@ def check_resumable(target: ResumeTarget, model_args: Any, world_size: int) -> N
     if meta["world_size"] != world_size and not is_universal(target):
         raise CheckpointError(
             f"checkpoint {tag} was written by {meta['world_size']} ranks, this run has {world_size}; "
-            f"convert it with `python -m pretrain.universal {ckpt_dir / tag}` and resume from the converted folder"
+            f"convert it with `vit-universal {ckpt_dir / tag}` and resume from the converted folder"
         )
 
 
@@ -97,7 +91,7 @@ def check_model_matches(meta: dict[str, Any], model_args: Any, where: str) -> No
     """Refuse to resume into a model of another shape."""
     ours = dataclasses.asdict(model_args)
     theirs = meta.get("model_args", {})
-    diff = [k for k in SHAPE_KEYS if theirs.get(k) != ours.get(k)]
+    diff = [k for k in WEIGHT_FIELDS if theirs.get(k) != ours.get(k)]
     if diff:
         detail = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}" for k in diff)
         raise CheckpointError(
@@ -117,6 +111,28 @@ def run_meta(cfg: Config, world_size: int, model_args: Any, class_names: list[st
         "class_names": class_names,
         "config": cfg.to_dict(),
     }
+
+
+def gather_parts(parts: Mapping[str, Stateful]) -> dict[str, Any]:
+    """{name: state} of every part; a `per_rank` part's state is the list of every rank's, in rank order.
+
+    A collective (every rank calls it): the one all-gather of a save, for every per-rank part at once. No part's
+    `state_dict()` runs a collective itself.
+    """
+    local = {name: part.state_dict() for name, part in parts.items()}
+    per_rank = [name for name, part in parts.items() if part.per_rank]
+    every_rank = gather({name: local[name] for name in per_rank})
+    return {name: [r[name] for r in every_rank] if name in per_rank else state for name, state in local.items()}
+
+
+def client_parts(client: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts' states in a loaded client state: {name: state}, also from a checkpoint of the flat layout."""
+    if PARTS in client:
+        return dict(client[PARTS])
+    # The flat layout (format_version 1): TrainState's counters and every rank's RNG state ("rng") beside every
+    # rank's stream position ("stream"), all at the top level of the client state.
+    parts = {"state": {k: client[k] for k in ("step", "samples_seen", "nonfinite_steps")}, "rng": client["rng"]}
+    return {**parts, **({"stream": client["stream"]} if "stream" in client else {})}
 
 
 def write_meta(ckpt_dir: Path, tag: str, meta: dict[str, Any]) -> None:
@@ -188,9 +204,11 @@ class Checkpointer:
         rank, tag = dist.get_rank(), tag_for(step)
         if rank == 0 and (self.dir / tag).exists():
             shutil.rmtree(self.dir / tag)  # leftovers of a save that crashed half-way
-        client = {key: value for part in parts.values() for key, value in part.state_dict().items()}
-        # lets `ds_to_universal` (pretrain.universal) convert this checkpoint for another world size
-        client[UNIVERSAL_CHECKPOINT_INFO] = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        client = {
+            PARTS: gather_parts(parts),  # the parts' collectives, all here
+            # lets `ds_to_universal` (vit-universal) convert this checkpoint for another world size
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+        }
         dist.barrier()
         try:
             with faults.disk_full_if(step):
@@ -215,8 +233,11 @@ class Checkpointer:
         if self.target is None:
             return
         ckpt_dir, tag = self.target
-        client = engine.load_checkpoint(ckpt_dir, tag)
-        for part in parts.values():
-            part.load_state_dict(client)
+        saved = client_parts(engine.load_checkpoint(ckpt_dir, tag))
+        missing = sorted(set(parts) - set(saved))
+        if missing:
+            raise CheckpointError(f"checkpoint {ckpt_dir / tag} holds no state for {', '.join(missing)}; start fresh")
+        for name, part in parts.items():
+            part.load_state_dict(saved[name])
         if dist.get_rank() == 0:
-            print(f"resumed from {ckpt_dir / tag} at step {client['step']}", flush=True)
+            print(f"resumed from {ckpt_dir / tag} at step {read_meta(ckpt_dir / tag)['step']}", flush=True)

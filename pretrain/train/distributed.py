@@ -16,9 +16,16 @@ from pretrain.train import shm
 
 
 class Stateful(Protocol):
-    """A part of the run the checkpoint holds."""
+    """A part of the run the checkpoint holds, under its name (`pretrain.train.checkpointer`).
 
-    def state_dict(self) -> dict[str, Any]: ...
+    `state_dict()` runs no collective. A part whose state differs per rank says so with `per_rank = True`: the
+    Checkpointer gathers every rank's `state_dict()` (at one point of the save, for all such parts at once) and hands
+    the part the list of them, in rank order, on resume.
+    """
+
+    per_rank: bool
+
+    def state_dict(self) -> Any: ...
 
     def load_state_dict(self, state: Any) -> None: ...
 
@@ -87,14 +94,16 @@ def set_rng_state(state: dict[str, Any], mixup_rng: torch.Generator) -> None:
 
 
 class PerRank:
-    """A part whose state differs per rank (the input stream), checkpointed as the list of every rank's state under
-    `key`; on resume the part gets the whole list, so that it can re-split it over another number of ranks."""
+    """A part whose state differs per rank but that does not say so itself (the input stream, `TrainLoader`): its
+    `load_state_dict` gets every rank's state, so that it can re-split them over another number of ranks."""
 
-    def __init__(self, key: str, part: Stateful) -> None:
-        self.key, self.part = key, part
+    per_rank = True
 
-    def state_dict(self) -> dict[str, list]:
-        return {self.key: gather(self.part.state_dict())}
+    def __init__(self, part: Any) -> None:
+        self.part = part
 
-    def load_state_dict(self, client: dict[str, Any]) -> None:
-        self.part.load_state_dict(client[self.key])
+    def state_dict(self) -> Any:
+        return self.part.state_dict()
+
+    def load_state_dict(self, states: list) -> None:
+        self.part.load_state_dict(states)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.config import Config, DataConfig, DeepSpeedConfig, OptimConfig, ScheduleConfig, TrainConfig
+from pretrain.config import BatchPlan, Config, DataConfig, DeepSpeedConfig, OptimConfig, ScheduleConfig, TrainConfig
 from pretrain.data import mixup, normalize, to_targets
 from pretrain.losses import classification_loss
 from pretrain.models.vit import VisionTransformer
@@ -24,9 +24,10 @@ from pretrain.train.compile import compile_blocks
 
 
 def deepspeed_config(
-    train: TrainConfig, optim: OptimConfig, ds: DeepSpeedConfig, world_size: int, on_cuda: bool
+    plan: BatchPlan, train: TrainConfig, optim: OptimConfig, ds: DeepSpeedConfig, on_cuda: bool
 ) -> dict[str, Any]:
-    """The DeepSpeed JSON for this run, derived from the config sections (never kept as a second hand-written copy)."""
+    """The DeepSpeed JSON for this run, derived from the batch plan and the config sections (never kept as a second
+    hand-written copy)."""
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm,
@@ -45,9 +46,9 @@ def deepspeed_config(
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
     return {
-        "train_batch_size": train.global_batch_size,
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum_steps(world_size),
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accum_steps,
         "gradient_clipping": optim.grad_clip,
         "optimizer": {
             "type": "AdamW",
@@ -114,13 +115,13 @@ class Engine:
         schedule: ScheduleConfig,
         ds: DeepSpeedConfig,
         data: DataConfig,
-        world_size: int,
+        plan: BatchPlan,
         device: torch.device,
         universal: bool = False,
     ) -> None:
         import deepspeed
 
-        config = deepspeed_config(train, optim, ds, world_size, on_cuda=device.type == "cuda")
+        config = deepspeed_config(plan, train, optim, ds, on_cuda=device.type == "cuda")
         if train.compile:
             compile_blocks(model, ds.zero_stage)  # before initialize: ZeRO-3 hooks go on the leaf blocks
         if universal:
@@ -132,16 +133,17 @@ class Engine:
             lr_scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lr_lambda(schedule, train.steps)),
         )
         self.device, self.dtype = device, autocast_dtype(train.precision)
-        self.accum = train.grad_accum_steps(world_size)
+        self.accum = plan.accum_steps
         self.num_classes = model.args.num_classes
         self.loss_kind, self.label_smoothing = train.loss, train.label_smoothing
         self.mean, self.std, self.mixup_alpha = data.mean, data.std, data.mixup_alpha
 
     @classmethod
     def from_config(
-        cls, model: nn.Module, cfg: Config, *, world_size: int, device: torch.device, universal: bool = False
+        cls, model: nn.Module, cfg: Config, plan: BatchPlan, *, device: torch.device, universal: bool = False
     ) -> Engine:
-        """Wrap `model` with the sections of `cfg` the engine reads (train, optim, schedule, deepspeed, data)."""
+        """Wrap `model` with the batch plan and the sections of `cfg` the engine reads (train, optim, schedule,
+        deepspeed, data)."""
         return cls(
             model,
             train=cfg.train,
@@ -149,7 +151,7 @@ class Engine:
             schedule=cfg.schedule,
             ds=cfg.deepspeed,
             data=cfg.data,
-            world_size=world_size,
+            plan=plan,
             device=device,
             universal=universal,
         )

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from pretrain.config import LogConfig, TrainConfig
-from pretrain.train.wandb_log import WandbLogger, check_available
+from data_tools.extras import MissingExtra, require
+from pretrain.config import BatchPlan, ConfigError, LogConfig
+from pretrain.train.wandb_log import WandbLogger
 
 if TYPE_CHECKING:
     from pretrain.data import TrainLoader
@@ -40,6 +41,16 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def check_loggers(log: LogConfig) -> None:
+    """Raise ConfigError (on every rank alike) when a logger that is on lacks its package."""
+    for on, module, key in ((log.tensorboard, "tensorboard", "log.tensorboard"), (log.wandb, "wandb", "log.wandb")):
+        if on:
+            try:
+                require(module)
+            except MissingExtra as e:
+                raise ConfigError(f"{key}=true but {e} or set {key}=false") from None
+
+
 class Metrics:
     """The running training loss and step timers; one console line, a JSONL row and TensorBoard scalars per
     logging step, written on rank 0 (a no-op writer elsewhere).
@@ -47,8 +58,9 @@ class Metrics:
     Args:
         output_dir: the run folder (metrics.jsonl, tb/).
         log: the `log` config section.
-        train: the `train` config section (batch sizes, total steps).
-        rank, world_size, device: this rank.
+        plan: the run's batch split (global batch, ranks, micro-batches per step).
+        total_steps: `train.steps`.
+        rank, device: this rank.
         flops_per_image: training FLOPs of one image (`train_flops_per_image`), for MFU.
         run_name: `run.name`, the W&B run name unless `log.wandb_name` is set.
     """
@@ -57,21 +69,20 @@ class Metrics:
         self,
         output_dir: str | Path,
         log: LogConfig,
-        train: TrainConfig,
+        plan: BatchPlan,
         *,
+        total_steps: int,
         rank: int,
-        world_size: int,
         device: torch.device,
         flops_per_image: float,
         run_name: str = "vit",
     ) -> None:
-        self.every, self.total_steps, self.global_batch_size = log.every_steps, train.steps, train.global_batch_size
-        self.world_size, self.accum = world_size, train.grad_accum_steps(world_size)
+        self.every, self.total_steps, self.plan = log.every_steps, total_steps, plan
         self.device, self.flops_per_image, self.peak_flops = device, flops_per_image, device_peak_flops(device)
         self.loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync between log steps
         self.t_log, self.steps_since_log = time.perf_counter(), 0
         self.jsonl, self.tb, self.wandb = None, None, None
-        check_available(log)  # on every rank, so that all stop alike
+        check_loggers(log)  # on every rank, so that all stop alike
         if rank != 0:
             return
         out = Path(output_dir)
@@ -101,16 +112,16 @@ class Metrics:
         """Log the steps since the last log line: mean loss over ranks and micro-batches, throughput, and more."""
         dist.all_reduce(self.loss_sum)  # host sync here: the logged loss is the mean over ranks and micro-steps
         dt = time.perf_counter() - self.t_log
-        ips = self.steps_since_log * self.global_batch_size / dt
+        ips = self.steps_since_log * self.plan.global_batch / dt
         grad_norm = engine.grad_norm()
         stats = loader.stats()
         values = {
-            "loss": self.loss_sum.item() / (self.world_size * self.accum * self.steps_since_log),
+            "loss": self.loss_sum.item() / (self.plan.world_size * self.plan.accum_steps * self.steps_since_log),
             "lr": engine.lr(),
             "grad_norm": grad_norm,
             "images_per_s": ips,
-            "images_per_s_per_device": ips / self.world_size,
-            "mfu": ips / self.world_size * self.flops_per_image / self.peak_flops if self.peak_flops else None,
+            "images_per_s_per_device": ips / self.plan.world_size,
+            "mfu": ips / self.plan.world_size * self.flops_per_image / self.peak_flops if self.peak_flops else None,
             "data_wait": stats["data_wait_fraction"],
             "memory_gib": memory_gib(self.device),
             "skipped_steps": skipped_steps,

@@ -1,4 +1,5 @@
-"""Draw a run's loss, learning-rate and throughput curves to a PNG: `python -m pretrain.plot RUN_DIR [--out F]`."""
+"""Draw a run's loss, learning-rate and throughput curves to a PNG: `vit-plot RUN_DIR [--out F]` (or
+`python -m pretrain.train.plot`; matplotlib comes with the `train` extra)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from data_tools.extras import MissingExtra, require
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -45,10 +48,15 @@ def plot(run_dir: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pretrain.plot", description=__doc__)
+    p = argparse.ArgumentParser(prog="vit-plot", description=__doc__.split("\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, default=None, help="PNG path (default RUN_DIR/curves.png)")
     args = p.parse_args(argv)
+    try:
+        require("matplotlib")  # the `train` extra
+    except MissingExtra as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not (args.run_dir / "metrics.jsonl").is_file():
         print(f"error: {args.run_dir} has no metrics.jsonl; pass the run.output_dir of a training run", file=sys.stderr)
         return 2

@@ -5,7 +5,8 @@ Each rank streams its own shards (`pretrain.data`), trains the ViT (`pretrain.mo
 
     Engine        model + DeepSpeed (ZeRO, optimizer, LR schedule), loss, the training step
     TrainLoader   this rank's input stream (checkpointed as every rank's position: `PerRank`)
-    TrainState    step and sample counters, non-finite steps, this rank's RNG
+    TrainState    step and sample counters, non-finite steps
+    RankRNG       this rank's random generators (seeded once: `set_determinism`)
     Checkpointer  save, prune, resume
     Metrics       running loss, timers, console / JSONL / TensorBoard
     Evaluator     held-out loss and accuracy, reduced over ranks
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from pretrain.checkpoint_format import tag_for
-from pretrain.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, save_config
+from pretrain.config import BatchPlan, Config, ConfigError, DataConfig, ModelConfig, TrainConfig, head_size, save_config
 from pretrain.data import EvalLoader, TrainLoader, build_eval_loader, build_train_loader, resolve_shards
 from pretrain.data.gpu_decode import require_cuda
 from pretrain.models.vit import ViTArgs, resolve_args, train_flops_per_image
@@ -34,7 +35,7 @@ from pretrain.train.engine import Engine
 from pretrain.train.evaluate import Evaluator
 from pretrain.train.metrics import Metrics
 from pretrain.train.preemption import Preempted, StopRequest, agree
-from pretrain.train.state import TrainState
+from pretrain.train.state import RankRNG, TrainState, set_determinism
 from pretrain.train.watchdog import Watchdog
 from pretrain.train.zero_init import build_model
 
@@ -51,14 +52,7 @@ def preflight(data: DataConfig, model: ModelConfig) -> tuple[int, list[str]]:
     if data.val_shards:
         resolve_shards(data.val_shards, data.val_split)
     names = shards.class_names
-    num_classes = model.num_classes or shards.num_classes or len(names)
-    if not num_classes:
-        raise ConfigError("model.num_classes is unset and the shards carry no class list; set model.num_classes")
-    if shards.num_classes and model.num_classes and model.num_classes != shards.num_classes:
-        raise ConfigError(
-            f"model.num_classes={model.num_classes} but the shards have {shards.num_classes} classes; "
-            "remove model.num_classes to take it from the data"
-        )
+    num_classes = head_size(model, shards.num_classes, names)
     return num_classes, names or [str(i) for i in range(num_classes)]
 
 
@@ -77,15 +71,15 @@ def model_args(model: ModelConfig, num_classes: int) -> ViTArgs:
 
 
 def build_loaders(
-    data: DataConfig, train: TrainConfig, img_size: int, *, seed: int, rank: int, world: int, device: torch.device
+    data: DataConfig, train: TrainConfig, plan: BatchPlan, img_size: int, *, seed: int, rank: int, device: torch.device
 ) -> tuple[TrainLoader, EvalLoader | None]:
-    """This rank's training loader (batches on `device` with `data.decode=gpu`) and held-out loader (None without
-    `data.val_shards`)."""
-    multilabel = train.loss == "sigmoid"
+    """This rank's training loader (micro-batches, on `device` with `data.decode=gpu`) and held-out loader (None
+    without `data.val_shards`)."""
+    multilabel, world = train.loss == "sigmoid", plan.world_size
     loader = build_train_loader(
         data,
         img_size=img_size,
-        batch_size=train.micro_batch_size,
+        batch_size=plan.micro_batch,
         rank=rank,
         world_size=world,
         seed=seed,
@@ -93,7 +87,7 @@ def build_loaders(
         device=device,
     )
     eval_loader = build_eval_loader(
-        data, img_size=img_size, batch_size=train.micro_batch_size, rank=rank, world_size=world, multilabel=multilabel
+        data, img_size=img_size, batch_size=plan.micro_batch, rank=rank, world_size=world, multilabel=multilabel
     )
     return loader, eval_loader
 
@@ -103,9 +97,11 @@ class Trainer:
     """The parts of one pretraining run (see the module docstring); `run()` is the loop."""
 
     cfg: Config
+    plan: BatchPlan
     engine: Engine
     loader: TrainLoader
     state: TrainState
+    rng: RankRNG
     checkpointer: Checkpointer
     metrics: Metrics
     evaluator: Evaluator
@@ -114,8 +110,8 @@ class Trainer:
 
     @property
     def parts(self) -> dict[str, Stateful]:
-        """What the checkpoint holds besides the engine's own files, in save and load order."""
-        return {"stream": PerRank("stream", self.loader), "state": self.state}
+        """What the checkpoint holds besides the engine's own files, by name, in save and load order."""
+        return {"state": self.state, "rng": self.rng, "stream": PerRank(self.loader)}
 
     @classmethod
     def build(cls, cfg: Config) -> Trainer:
@@ -124,7 +120,7 @@ class Trainer:
         stop.install()  # a signal during the build is acted on after the first step
         num_classes, class_names = preflight(cfg.data, cfg.model)
         world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by every launcher; 1 for a plain python run
-        cfg.train.grad_accum_steps(world_size)  # refuse an impossible batch split before joining the process group
+        plan = BatchPlan.of(cfg.train, world_size)  # an impossible split is refused before joining the process group
         out_dir = Path(cfg.run.output_dir)
         # Resume target before any collective: every rank reads the same files, so a refusal is raised on all alike.
         target = resolve_resume(cfg.train.resume, out_dir)
@@ -132,21 +128,21 @@ class Trainer:
         if target:
             check_resumable(target, args, world_size)
 
-        rank, world, device = init_distributed(cfg.train.collective_timeout_s)
+        rank, world, device = init_distributed(cfg.train.collective_timeout_s)  # world == plan.world_size
         watchdog = Watchdog(cfg.train.collective_timeout_s, rank, world)
         watchdog.phase("start-up (model, DeepSpeed engine, loaders)")
         if rank == 0:
             save_config(cfg, out_dir / "config.yaml")
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank; DeepSpeed shards them
-        model = build_model(cfg, args, world_size=world, device=device)  # partitioned at ZeRO-3 (zero_init.py)
+        model = build_model(cfg, args, plan, device=device)  # partitioned at ZeRO-3 (zero_init.py)
         model.set_grad_checkpointing(cfg.train.grad_checkpointing, cfg.train.grad_checkpointing_every)
-        engine = Engine.from_config(
-            model, cfg, world_size=world, device=device, universal=bool(target) and is_universal(target)
-        )
+        engine = Engine.from_config(model, cfg, plan, device=device, universal=bool(target) and is_universal(target))
         loader, eval_loader = build_loaders(
-            cfg.data, cfg.train, args.img_size, seed=cfg.run.seed, rank=rank, world=world, device=device
+            cfg.data, cfg.train, plan, args.img_size, seed=cfg.run.seed, rank=rank, device=device
         )
-        state = TrainState(cfg.run.seed, rank, world)  # seeds this rank: after the model and the loaders
+        # This rank's own random state from here on, seeded once, after the parts that draw the shared weights
+        rng = RankRNG(set_determinism(cfg.run.seed, rank), rank, world)
+        state = TrainState()
         checkpointer = Checkpointer(
             cfg.checkpoint,
             out_dir / "checkpoints",
@@ -157,15 +153,15 @@ class Trainer:
         metrics = Metrics(
             out_dir,
             cfg.log,
-            cfg.train,
+            plan,
+            total_steps=cfg.train.steps,
             rank=rank,
-            world_size=world,
             device=device,
             flops_per_image=train_flops_per_image(args),
             run_name=cfg.run.name,
         )
         evaluator = Evaluator(eval_loader, cfg.train, num_classes)
-        return cls(cfg, engine, loader, state, checkpointer, metrics, evaluator, stop, watchdog)
+        return cls(cfg, plan, engine, loader, state, rng, checkpointer, metrics, evaluator, stop, watchdog)
 
     def run(self) -> dict[str, Any]:
         """Train from the newest checkpoint (or from scratch) to `train.steps`; returns the last metrics.
@@ -181,8 +177,8 @@ class Trainer:
         last_train, last_eval = {}, {}
         while state.step < train.steps:
             phase(f"step {state.step + 1}")
-            losses = engine.train_step(batches, state.mixup_rng, poison=faults.injected("nan", state.step + 1))
-            state.advance(train.global_batch_size)
+            losses = engine.train_step(batches, self.rng.mixup, poison=faults.injected("nan", state.step + 1))
+            state.advance(self.plan.global_batch)
             faults.kill_rank0_if("step", state.step)
             state.count_nonfinite(engine.step_applied(), limit=train.max_nonfinite_steps)
             metrics.add(losses)

@@ -1,6 +1,6 @@
 """Convert a checkpoint to DeepSpeed's universal format, so a run can resume on a different number of ranks.
 
-    python -m pretrain.universal RUN_DIR|CHECKPOINTS_DIR|TAG_DIR [--tag step_00001000]
+    vit-universal RUN_DIR|CHECKPOINTS_DIR|TAG_DIR [--tag step_00001000]     (or python -m pretrain.train.universal)
 
 writes `CHECKPOINTS_DIR/<tag>_universal/` (DeepSpeed's `ds_to_universal` output plus our `pretrain_meta.json`),
 then resume with `train.resume=CHECKPOINTS_DIR/<tag>_universal` on any world size. The input stream re-splits the
@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from data_tools.extras import MissingExtra, require
 from data_tools.fsutil import atomic_path, atomic_write
 from pretrain import checkpoint_format as ckpt
 
@@ -52,13 +53,14 @@ def convert(src: Path, tag: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pretrain.universal", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vit-universal", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, help="run folder, its checkpoints/ folder, or one tag folder")
     p.add_argument("--tag", default=None, help="tag to convert (default: the newest complete one)")
     args = p.parse_args(argv)
     try:
+        require("deepspeed")  # its ds_to_universal converts; the `train` extra
         out = convert(args.checkpoint, args.tag)
-    except ckpt.CheckpointError as e:
+    except (ckpt.CheckpointError, MissingExtra) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}\nresume on any number of ranks with: train.resume={out}")

@@ -1,24 +1,18 @@
-"""Weights & Biases logging (optional: `pip install '.[wandb]'`), rank 0 only: the same metrics as TensorBoard, under
-the same names (`train/loss`, `eval/top1`, ...), and the resolved config of the run.
+"""Weights & Biases logging (optional: `pip install 'vit-pretrain[wandb]'`, checked by `metrics.check_loggers`),
+rank 0 only: the same metrics as TensorBoard, under the same names (`train/loss`, `eval/top1`, ...), and the
+resolved config of the run.
 
 `WANDB_MODE=offline` writes the run under `output_dir/wandb/` without a network (`wandb sync` uploads it later).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pretrain.config import ConfigError, LogConfig
-
-
-def check_available(log: LogConfig) -> None:
-    """Raise ConfigError (every rank alike) when `log.wandb` is on and the package is missing."""
-    if log.wandb and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("log.wandb=true but wandb is not installed; pip install '.[wandb]' or set log.wandb=false")
+from pretrain.config import LogConfig
 
 
 class WandbLogger:

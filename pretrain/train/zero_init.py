@@ -19,7 +19,7 @@ import dataclasses
 
 import torch
 
-from pretrain.config import Config
+from pretrain.config import BatchPlan, Config
 from pretrain.models.vit import VisionTransformer, ViTArgs, create_vit
 from pretrain.train.engine import autocast_dtype, deepspeed_config
 
@@ -29,13 +29,13 @@ def partitioned_build(cfg: Config) -> bool:
     return cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.zero_init
 
 
-def build_model(cfg: Config, args: ViTArgs, *, world_size: int, device: torch.device) -> VisionTransformer:
+def build_model(cfg: Config, args: ViTArgs, plan: BatchPlan, *, device: torch.device) -> VisionTransformer:
     """The ViT of `args`, initialised from the global RNG (seed it first), whole or partitioned (see module doc)."""
     if not partitioned_build(cfg):
         return create_vit(cfg.model.name, **dataclasses.asdict(args))
     import deepspeed
 
-    ds = deepspeed_config(cfg.train, cfg.optim, cfg.deepspeed, world_size, on_cuda=device.type == "cuda")
+    ds = deepspeed_config(plan, cfg.train, cfg.optim, cfg.deepspeed, on_cuda=device.type == "cuda")
     # mem_efficient_linear=False: DeepSpeed would otherwise replace F.linear process-wide, for good
     with deepspeed.zero.Init(config_dict_or_path=ds, tensor_overrides=[], mem_efficient_linear=False):
         model = VisionTransformer(args, init=False)

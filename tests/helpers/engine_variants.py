@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import Config, load_config
+from pretrain.config import BatchPlan, Config, load_config
 from pretrain.models.vit import create_vit
 from pretrain.train.distributed import init_distributed
 from pretrain.train.engine import Engine
@@ -69,9 +69,10 @@ def gathered(engine: Engine) -> dict[str, torch.Tensor]:
 def run(cfg: Config, rank: int, world: int, device: torch.device) -> tuple[dict, list[float], dict]:
     """(initial weights, per-step losses, final weights) of `STEPS` steps."""
     torch.manual_seed(SEED)
-    model = build_model(cfg, model_args(cfg.model, 10), world_size=world, device=device)
+    plan = BatchPlan.of(cfg.train, world)
+    model = build_model(cfg, model_args(cfg.model, 10), plan, device=device)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
-    engine = Engine.from_config(model, cfg, world_size=world, device=device)
+    engine = Engine.from_config(model, cfg, plan, device=device)
     engine.train()
     data, losses = batches(rank), []
     initial = gathered(engine)

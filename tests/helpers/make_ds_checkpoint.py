@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import Config, save_config
+from pretrain.config import BatchPlan, Config, save_config
 from pretrain.models.vit import create_vit
 from pretrain.train.checkpointer import Checkpointer, run_meta
 from pretrain.train.distributed import init_distributed
 from pretrain.train.engine import Engine
 from pretrain.train.lifecycle import run_rank
-from pretrain.train.state import TrainState
+from pretrain.train.state import RankRNG, TrainState, set_determinism
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,13 +68,14 @@ def main() -> None:
     torch.manual_seed(0)
     model = create_vit(a.model, num_classes=a.num_classes, representation_size=a.representation_size)
     args = model.args
-    engine = Engine.from_config(model, cfg, world_size=world, device=device)
-    state = TrainState(cfg.run.seed, rank, world)
+    plan = BatchPlan.of(cfg.train, world)
+    engine = Engine.from_config(model, cfg, plan, device=device)
+    rng, state = RankRNG(set_determinism(cfg.run.seed, rank), rank, world), TrainState()
     batches = random_batches(a, args.img_size, rank)
     engine.train()
     for _ in range(a.steps):
-        engine.train_step(batches, state.mixup_rng)
-        state.advance(cfg.train.global_batch_size)
+        engine.train_step(batches, rng.mixup)
+        state.advance(plan.global_batch)
     if rank == 0:
         save_config(cfg, a.run_dir / "config.yaml")
     class_names = [f"class_{i}" for i in range(a.num_classes)]
@@ -85,7 +86,7 @@ def main() -> None:
         target=None,
         run_meta=run_meta(cfg, world, args, class_names),
     )
-    checkpointer.save(state.step, engine, {"state": state}, state.samples_seen)
+    checkpointer.save(state.step, engine, {"state": state, "rng": rng}, state.samples_seen)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,0 @@
-"""`python -m pretrain.predict`: thin entry point; the code lives in `pretrain.downstream.predict`."""
-
-import sys
-
-from pretrain.downstream.predict import main
-
-if __name__ == "__main__":
-    sys.exit(main())

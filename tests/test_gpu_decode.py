@@ -98,12 +98,13 @@ def test_assembled_batch_equals_the_cpu_path_exactly(mixed_shards):
 def test_trainer_wiring_and_exact_resume_with_gpu_decode(mixed_shards):
     """The Trainer's loader build with `data.decode=gpu` on a CPU device: the default decoder (torchvision's, on that
     device) gives the CPU path's batches; a resumed loader continues with the uninterrupted run's next batch."""
-    from pretrain.config import TrainConfig
+    from pretrain.config import BatchPlan, TrainConfig
     from pretrain.train.trainer import build_loaders
 
     data = DataConfig(train_shards=str(mixed_shards), num_workers=0, shuffle_buffer=6, decode="gpu", val_shards="")
     train = TrainConfig(micro_batch_size=BATCH, global_batch_size=BATCH)
-    make = partial(build_loaders, data, train, SIZE, seed=3, rank=0, world=1, device=torch.device("cpu"))
+    plan = BatchPlan.of(train, world_size=1)
+    make = partial(build_loaders, data, train, plan, SIZE, seed=3, rank=0, device=torch.device("cpu"))
     loader, _ = make()
     it, cpu = iter(loader), iter(_loader(mixed_shards, "cpu"))
     first = next(it)

@@ -13,12 +13,14 @@ Data: scikit-learn digits sharded by `data_tools` with 10 % held out (1,617 trai
             torch.save bytes; computed for 512 ranks x 8 workers x buffer 2,000 on a 14.2 M-sample epoch
   resume    a 2-rank run (0 workers: one reader per rank, every request is the reader's) saved at 90 % of the epoch,
             resumed over HTTP (`tests.helpers.servers.ShardServer`) on 2 ranks and on 1: per rank, GET requests,
-            bytes and samples touched until its first batch
+            bytes and samples touched until its first batch, and per canonical stream (the elastic tree: C = 2, so
+            one stream per rank on 2 ranks, two on 1; today: one reader per rank)
   overlap   2 ranks x 2 workers, buffer 200, global batch 32, stopped at 40 % and resumed on 1 and on 4 ranks: keys
             read twice in the epoch's worth of global batches and until the resumed epoch's end, keys skipped,
             global batches equal (as sets) to the uninterrupted run's
-  quality   positions only (`benchmarks.shuffle_quality`): distinct classes and shards per 256-sample global batch
-            and per 32-sample micro-batch on a class-sorted shard set, today's order, the elastic one, a permutation
+  quality   positions (`benchmarks.shuffle_quality`): distinct classes and shards per 256-sample global batch
+            and per 32-sample micro-batch on a class-sorted shard set, today's order, the elastic one, a permutation;
+            and the same measured on the real loader's keys (class-sorted shards written here)
 """
 
 from __future__ import annotations
@@ -59,7 +61,12 @@ def loader_for(cfg: DataConfig, *, rank: int, world: int, batch: int, workers: i
 
 
 def stored(states: list) -> object:
-    """What the checkpoint keeps of the ranks' states: one state when all ranks hold the same, else the list."""
+    """What the checkpoint keeps of the ranks' states: the loader's merge of them (the elastic tree: one record),
+    else one state when all ranks hold the same, else the list."""
+    from pretrain.data import TrainLoader
+
+    if hasattr(TrainLoader, "merge"):
+        return TrainLoader.merge(states)
     return states[0] if all(s == states[0] for s in states) else states
 
 
@@ -195,17 +202,21 @@ def remote_resume(shards: Path, buffer: int = 200, fraction: float = 0.9) -> dic
     n = loader_for(cfg, rank=0, world=2, batch=16, workers=0).batches_per_epoch
     k = int(fraction * n)
     runs = [take(loader_for(cfg, rank=r, world=2, batch=16, workers=0), k + 1) for r in range(2)]
+    expected = set(runs[0][0][k]) | set(runs[1][0][k])  # global batch k of the uninterrupted run
     states = [take(loader_for(cfg, rank=r, world=2, batch=16, workers=0), k)[1] for r in range(2)]
+    merged = stored(states)
+    streams = merged.get("streams") if isinstance(merged, dict) else None  # elastic: C; today: one reader per rank
     out: dict = {"position_batches": k, "epoch_batches": n, "buffer": buffer, "batch": 16, "readers": 2}
     with ShardServer(shards) as srv:
         remote = DataConfig(train_shards=srv.url + "/", shuffle_buffer=buffer, num_workers=0, io_chunk_bytes=1 << 16)
         for world in (2, 1):
-            per_rank = []
+            per_rank, first = [], set()
             for r in range(world):
                 srv.reset_counts()
                 loader = loader_for(remote, rank=r, world=world, batch=32 // world, workers=0)
                 loader.load_state_dict(stored(states))
-                first, _ = take(loader, 1)
+                keys, _ = take(loader, 1)
+                first |= set(keys[0])
                 log = list(srv.log)
                 per_rank.append(
                     {
@@ -214,10 +225,14 @@ def remote_resume(shards: Path, buffer: int = 200, fraction: float = 0.9) -> dic
                         "other_gets": sum(not p.endswith((".tar", fmt.INDEX_SUFFIX)) for p, _, _ in log),
                         "bytes": sum(b - a for _, a, b in log),
                         "samples_touched": samples_touched(log, shards),
-                        "first_batch_as_uninterrupted": world == 2 and first[0] == runs[r][0][k],
                     }
                 )
-            out[f"on_{world}_ranks"] = per_rank
+            readers = streams or world
+            out[f"on_{world}_ranks"] = {
+                "per_rank": per_rank,
+                "per_stream": {key: sum(x[key] for x in per_rank) / readers for key in per_rank[0]},
+                "first_global_batch_as_uninterrupted": first == expected,
+            }
     out["bound_samples_per_stream"] = 3 * (buffer + 2 * 16)
     return out
 
@@ -226,7 +241,7 @@ def run() -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench_elastic-"))
     try:
         shards = digits_shards(tmp)
-        from benchmarks.shuffle_quality import quality, today_replica_matches
+        from benchmarks.shuffle_quality import loader_quality, quality, today_replica_matches
 
         return {
             "tree": os.path.dirname(os.path.dirname(os.path.abspath(sys.modules["pretrain"].__file__))),
@@ -235,6 +250,7 @@ def run() -> dict:
             "overlap": overlap(shards),
             "today_replica_matches_loader": today_replica_matches(shards, loader_for),
             "quality": quality(),
+            "loader_quality": loader_quality(tmp, loader_for),
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

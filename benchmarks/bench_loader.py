@@ -18,7 +18,7 @@ many fewer CPU cores per GPU the workers need.
 Remote shards, same run: the stream over loopback HTTP (a Range-capable server on 127.0.0.1) against the same shards
 from local disk (images/s per worker), and a resume at 90 % of an epoch over HTTP (digits shards, 0 workers, buffer
 256): bytes served and seconds until the first batch, refilling the saved shuffle buffer by random access against
-replaying the epoch up to the checkpoint (the resume before O(buffer) resume).
+re-reading the epoch up to the checkpoint (what a replaying resume reads: the resume before O(buffer) resume).
 
     python -m benchmarks.bench_loader [--full]
 """
@@ -91,7 +91,8 @@ def _worker_side(shards: Path, n_batches: int, decode: str) -> float:
     """Images per CPU-second of one worker's pipeline, in-process (no main-process decode of `data.decode=gpu`)."""
     cfg = DataConfig(train_shards=str(shards), num_workers=0, shuffle_buffer=256, decode=decode)
     loader = build_train_loader(cfg, img_size=IMG, batch_size=BATCH, seed=0, pin_memory=False, device="cpu")
-    return _timed(_forever(TrainStream(loader.spec, 0)), n_batches, 0)  # epochs follow each other
+    # the worker's parts (one worker: whole micro-batches), before the main process's decode of data.decode=gpu
+    return _timed(TrainStream(loader.spec, loader.layout, 0, loader.state), n_batches, 0)
 
 
 class _DecodeOnly(Dataset):
@@ -169,7 +170,8 @@ def run(quick: bool = True) -> dict:
 
 
 def _resume(tmp: Path) -> dict:
-    """Bytes and seconds until the first batch of a resume at 90 % of an epoch over HTTP: buffer refill vs replay."""
+    """Bytes and seconds until the first batch of a resume at 90 % of an epoch over HTTP: buffer refill vs reading
+    the epoch up to the checkpoint (what a replay reads)."""
     shard(write_digits(tmp / "digits"), tmp / "digits-shards", workers=2, samples_per_shard=200, progress=False)
     cfg = DataConfig(train_shards=str(tmp / "digits-shards"), num_workers=0, shuffle_buffer=256)
     loader = build_train_loader(cfg, img_size=32, batch_size=BATCH)
@@ -179,17 +181,18 @@ def _resume(tmp: Path) -> dict:
         next(it)
     state = loader.state_dict()
     it.close()
-    states = {"buffer": state, "replay": {**state, "workers": [{**w, "buffer": None} for w in state["workers"]]}}
     out = {"position_batches": k, "epoch_batches": loader.batches_per_epoch, "shuffle_buffer": 256}
     with ShardServer(tmp / "digits-shards") as srv:
         remote = DataConfig(train_shards=srv.url + "/", num_workers=0, shuffle_buffer=256, io_chunk_bytes=1 << 16)
-        for name, st in states.items():
+        for name, st, n in (("buffer", state, 1), ("replay", None, k + 1)):
             srv.reset_counts()
             t0 = time.perf_counter()
             resumed = build_train_loader(remote, img_size=32, batch_size=BATCH)
-            resumed.load_state_dict(st)
+            if st is not None:
+                resumed.load_state_dict(st)
             it = iter(resumed)
-            next(it)
+            for _ in range(n):
+                next(it)
             out[f"{name}_s"] = round(time.perf_counter() - t0, 3)
             out[f"{name}_mb"] = round(srv.served / 1e6, 3)
             it.close()

@@ -10,6 +10,8 @@ shards, and the fraction of batches holding two samples of one shard.
 
 Today's order is rebuilt from its own parts (`positions.slot_range`, `stages.Shuffler`: the loader's arithmetic run
 on positions); `today_replica_matches` checks that rebuild against the real loader's keys on digits shards.
+`loader_quality` measures the same on the real loader's keys: the class-sorted set written as shards (a tiny PNG per
+sample, key = position), read by 8 ranks x 32, 4 workers each, buffer 2,000, through the loader's public API.
 """
 
 from __future__ import annotations
@@ -148,3 +150,45 @@ def today_replica_matches(shards: Path, loader_for: Callable) -> bool | str:
         if got != [[keys[s][i] for s, i in b[r]] for b in replica]:
             return False
     return True
+
+
+def loader_quality(tmp: Path, loader_for: Callable) -> dict:
+    """`quality`'s metrics on the keys the real loader yields over the class-sorted set written as shards."""
+    import io
+    import json
+
+    from PIL import Image
+    from webdataset import TarWriter
+
+    from pretrain.config import DataConfig
+
+    lengths, class_of = class_sorted(**DATA)
+    root, buf = tmp / "class_sorted", io.BytesIO()
+    root.mkdir(exist_ok=True)
+    Image.new("L", (4, 4)).save(buf, "PNG")
+    position = 0
+    for s, n in enumerate(lengths):
+        with TarWriter(str(root / f"train-{s:06d}.tar")) as tw:
+            for _ in range(n):
+                tw.write({"__key__": f"{position:06d}", "png": buf.getvalue(), "cls": b"0"})
+                position += 1
+    names = [f"train-{s:06d}.tar" for s in range(len(lengths))]
+    split = {"name": "train", "num_samples": sum(lengths), "filenames": names, "shard_lengths": lengths}
+    (root / "_info.json").write_text(json.dumps({"name": "sorted", "splits": {"train": split}, "num_classes": 1}))
+    lay = LAYOUT
+    cfg = DataConfig(train_shards=str(root), shuffle_buffer=lay["buffer"], num_workers=lay["workers"])
+    ranks = []
+    for r in range(lay["world"]):
+        loader = loader_for(cfg, rank=r, world=lay["world"], batch=lay["micro"], workers=lay["workers"])
+        it = iter(loader)
+        ranks.append([next(it)["key"] for _ in range(loader.batches_per_epoch)])
+        it.close()
+    size = DATA["shard_size"]
+    batches = [
+        [[(int(k) // size, int(k) % size) for k in ranks[r][b]] for r in range(lay["world"])]
+        for b in range(len(ranks[0]))
+    ]
+    return {
+        "global_batch_256": metrics([sum(rs, []) for rs in batches], class_of),
+        "micro_batch_32": metrics([m for rs in batches for m in rs], class_of),
+    }

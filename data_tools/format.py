@@ -71,8 +71,27 @@ def has_key_form(name: str) -> bool:
 
 
 def is_ignored(name: str) -> bool:
-    """True for members that belong to no sample: base names starting with `__` (e.g. `__index__`)."""
-    return name.rpartition("/")[2].startswith("__")
+    """True for members that belong to no sample: base names starting with `__` (e.g. `__index__`), and names
+    without the KEY.EXT form (webdataset skips them too)."""
+    return name.rpartition("/")[2].startswith("__") or not has_key_form(name)
+
+
+class Grouping:
+    """THE rule that groups a tar's regular members into samples, used by every reader and writer of shards (the
+    stream, `count_samples`, the sample index, `verify`): members in tar order, ignored ones (`is_ignored`) left
+    out, a new sample wherever the key (`split_name`) changes. Feed it each regular member's name in order."""
+
+    def __init__(self) -> None:
+        self.index, self.key = -1, None
+
+    def place(self, name: str) -> tuple[int, str] | None:
+        """(sample index, lower-case extension) of the next member, or None when it belongs to no sample."""
+        if is_ignored(name):
+            return None
+        key, ext = split_name(name)
+        if key != self.key:
+            self.index, self.key = self.index + 1, key
+        return self.index, ext
 
 
 def sample_key(position: int) -> str:

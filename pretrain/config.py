@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from data_tools.fsutil import atomic_write
+from data_tools.storage import IOPolicy
 from pretrain.models.specs import VARIANTS
 from pretrain.typed_config import ConfigError, Section, build_dataclass, in_range, plain
 
@@ -65,6 +66,9 @@ class ModelConfig(Section):
 
 @dataclass
 class DataConfig(Section):
+    """The input stream's settings: the one home of their defaults (`pretrain.data.StreamSpec.of` reads them; the
+    remote-read knobs' numbers are `data_tools.storage.IOPolicy`'s, which `data_tools` also uses without a config)."""
+
     train_shards: str = ""
     """Training shards: a folder with `_info.json` (local, http(s):// or s3://), a folder of `.tar` files, or a brace
     pattern / URL."""
@@ -75,13 +79,17 @@ class DataConfig(Section):
     val_split: str = "val"
     """Split name in `_info.json` for evaluation."""
     num_workers: int = 4
-    """Loader worker processes per rank."""
+    """Loader worker processes per rank (at most one per canonical stream of the rank is started)."""
+    canonical_streams: int = 0
+    """C, the streams the epoch's sample order is cut into, fixed at the run's start and stored in the checkpoint
+    (a resume on R ranks needs R to divide C); 0: world size x the largest divisor of the per-rank batch that is at
+    most num_workers."""
     mode: Literal["epoch", "resampled"] = "epoch"
     """`epoch`: every sample once per epoch; `resampled`: infinite stream, shards drawn with replacement."""
     remainder: Literal["drop", "wrap"] = "drop"
     """What happens to the samples that do not fill a whole global batch at the end of an epoch."""
     shuffle_buffer: int = 2000
-    """Samples held per worker for shuffling."""
+    """Samples held per canonical stream for shuffling."""
     crop_scale_min: float = 0.08
     """Lower bound of the Inception-style RandomResizedCrop area fraction."""
     hflip: bool = True
@@ -99,19 +107,19 @@ class DataConfig(Section):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     """Normalisation std."""
     max_bad_shards: int = 10
-    """Unreadable or truncated shards tolerated per rank before the run stops."""
-    io_timeout_s: float = 30.0
+    """Unreadable or truncated shards tolerated (the run's known ones plus this rank's) before the run stops."""
+    io_timeout_s: float = IOPolicy.timeout_s
     """Remote shards: a connect or read stalling longer than this is a transient fault, retried."""
-    io_retries: int = 8
+    io_retries: int = IOPolicy.retries
     """Remote shards: transient faults (reset, 5xx/429, stall) retried per request, with backoff, at the same byte."""
-    io_chunk_bytes: int = 8 << 20
-    """Remote shards: bytes per ranged GET (a resume over-reads at most this much per worker)."""
+    io_chunk_bytes: int = IOPolicy.chunk_bytes
+    """Remote shards: bytes per ranged GET (a resume over-reads at most this much per held run of samples)."""
     decode: Literal["cpu", "gpu"] = "cpu"
     """Training JPEGs decoded and cropped in the loader workers (`cpu`) or in batches on the GPU (`gpu`, CUDA only)."""
 
     def check(self, name: str) -> None:
         in_range(self, name, "> 0", "shuffle_buffer", "io_timeout_s", "io_chunk_bytes")
-        in_range(self, name, ">= 0", "num_workers", "mixup_alpha", "io_retries")
+        in_range(self, name, ">= 0", "num_workers", "canonical_streams", "mixup_alpha", "io_retries")
         in_range(self, name, "in (0, 1]", "crop_scale_min", "eval_crop_pct")
         if self.decode == "gpu" and self.randaugment_ops > 0:
             raise ConfigError(

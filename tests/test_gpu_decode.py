@@ -139,7 +139,7 @@ def test_fallback_to_cpu_decode_and_unreadable_samples(mixed_shards):
     photo = sorted((mixed_shards.parent / "photos").rglob("*.jpg"))[0].read_bytes()
     refused = photo + b"\0\0"  # bytes after the end marker: the same pixels, and the device decoder refuses it
     corrupt = photo[: photo.index(b"\xff\xda") + 20] + bytes(300)  # a valid header, a scan of zeros
-    tf, deferred = TrainTransform(SIZE), DeferredTrainTransform(SIZE)
+    tf, deferred = TrainTransform(SIZE, 0.08, True), DeferredTrainTransform(SIZE, 0.08, True)
     expected = tf(photo, random.Random(5))
     crops = [deferred(x, random.Random(5)) for x in (photo, refused, corrupt)]
     assert all(isinstance(c, JpegCrop) for c in crops)

@@ -137,7 +137,7 @@ def test_train_and_eval_streams_read_every_image_the_writer_kept(written, mode):
     _assert_correct(train, TrainTransform(SIZE, 1.0, False), f"train/{mode}")
     evaluated, bad = _eval_images(written[mode])
     assert sorted(name for name, _ in evaluated) == sorted(GOOD) and bad["bad_samples"] == 0
-    _assert_correct(evaluated, EvalTransform(SIZE), f"eval/{mode}")
+    _assert_correct(evaluated, EvalTransform(SIZE, DataConfig.eval_crop_pct), f"eval/{mode}")
 
 
 def test_bad_files_in_shards_are_skipped_and_named_by_verify_and_both_streams(raw_shards, caplog):
@@ -155,7 +155,7 @@ def test_bad_files_in_shards_are_skipped_and_named_by_verify_and_both_streams(ra
         assert f"skipping bad sample: {key}: {BAD[name][1]}" in caplog.text, name
     evaluated, bad = _eval_images(raw_shards)
     assert sorted(name for name, _ in evaluated) == sorted(GOOD) and bad["bad_samples"] == len(BAD)
-    _assert_correct(evaluated, EvalTransform(SIZE), "eval/raw")
+    _assert_correct(evaluated, EvalTransform(SIZE, DataConfig.eval_crop_pct), "eval/raw")
 
 
 def test_gpu_decode_workers_skip_bad_files_and_hand_over_the_rest(raw_shards):
@@ -183,8 +183,8 @@ def test_a_bomb_is_refused_from_its_header_before_any_decoder_runs(monkeypatch):
         decode_rgb,
         partial(encode_image, opts=ImageOptions()),
         partial(encode_image, opts=ImageOptions(resize_shorter=64)),
-        EvalTransform(SIZE),
-        lambda data: TrainTransform(SIZE)(data, random.Random(0)),
+        EvalTransform(SIZE, DataConfig.eval_crop_pct),
+        lambda data: TrainTransform(SIZE, DataConfig.crop_scale_min, DataConfig.hflip)(data, random.Random(0)),
     )
     for bomb in (bomb_png(), bytes(jpeg)):
         for attempt in attempts:

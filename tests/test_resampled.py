@@ -1,16 +1,17 @@
-"""Resampled mode's resume: the shuffle buffer refilled by random access and the source restored where it stood,
-bit-identical to the uninterrupted stream, bad data counted once; held samples fetched again with their own seeds."""
+"""Resampled mode's resume: the shuffle buffer refilled by random access where the draws stood, bit-identical to the
+uninterrupted stream, bad data counted once; the reader's random access equal to its sequential reads."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
 
+from data_tools.storage import IOPolicy
 from pretrain.config import DataConfig
 from pretrain.data import build_train_loader
-from pretrain.data.resampled import ShardDraws
-from pretrain.data.stages import Counters, Indexes
-from pretrain.data.stream import StreamSpec
+from pretrain.data.reader import Reader, spans
 from tests.test_stream_data import bad_shards  # noqa: F401 - the fixture
 
 BATCH = 4
@@ -36,48 +37,36 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resampled_resume_is_bit_identical_and_counts_bad_data_once(bad_shards, workers):  # noqa: F811
-    root, marker = bad_shards  # shard 0: 4 bad samples; shard 1: truncated (a bad shard at every draw)
+    root, marker = bad_shards  # shard 0: 3 bad samples; shard 1: truncated (a bad shard at every draw)
     cfg = DataConfig(
         train_shards=str(root), mode="resampled", shuffle_buffer=8, num_workers=workers, max_bad_shards=1000
     )
-    whole, end = _batches(cfg, 40)
+    whole, end = _batches(cfg, 80)
     head, saved = _batches(cfg, 15)
-    assert all(w["buffer"]["held"] for w in saved["workers"])  # every worker saved its buffer
-    tail, resumed_end = _batches(cfg, 25, saved)
+    assert (saved["epoch"], saved["consumed"]) == (0, 15 * BATCH // saved["streams"])  # a position, no buffer
+    tail, resumed_end = _batches(cfg, 65, saved)
     assert _same(head + tail, whole)
     assert (resumed_end["bad_samples"], resumed_end["bad_shards"]) == (end["bad_samples"], end["bad_shards"])
-    assert end["bad_samples"] > 0 and end["bad_shards"] > 0  # the run did meet the bad data
-    replay = {**saved, "workers": [{**w, "buffer": None} for w in saved["workers"]]}  # a state from before buffers
-    assert _same(_batches(cfg, 25, replay)[0], tail)
+    assert end["bad_samples"] > 0 and end["bad_shards"] == [1]  # the run did meet the bad data
     assert not marker.exists()  # the .pyd payload was never unpickled
 
 
-def test_fetch_returns_held_samples_in_order_with_their_own_seeds(digits_shards):
-    urls = [str(digits_shards / f"train-{i:06d}.tar") for i in range(3)]
-    spec = StreamSpec(urls=urls, lengths=None, batch_size=BATCH, rank=0, world_size=1, seed=0, transform=None)
-    source = ShardDraws(spec, Counters(), Indexes(spec.io), (0, 0, 0, 0))
-    drawn = [x for _, x in zip(range(450), source, strict=False)]  # more than two shards' worth
-    by_n = {x.v[0]: x for x in drawn}
-    held = [[7, *by_n[7].v[1:]], [300, *by_n[300].v[1:]], [2, *by_n[2].v[1:]], [9, *by_n[7].v[1:]]]
-    got = ShardDraws(spec, Counters(), Indexes(spec.io), (0, 0, 0, 0)).fetch(held)
-    assert [x.v for x in got] == [tuple(h) for h in held]
-    assert [x.raw.key for x in got[:3]] == [by_n[n].raw.key for n in (7, 300, 2)]
-    assert [x.seed for x in got[:3]] == [by_n[n].seed for n in (7, 300, 2)]
-    # the same sample held twice (its shard drawn twice): the same bytes, its own seed
-    assert got[3].raw.key == got[0].raw.key and got[3].seed != got[0].seed
+def test_random_access_gives_the_sequential_reads(digits_shards):
+    urls = tuple(str(digits_shards / f"train-{i:06d}.tar") for i in range(3))
+    reader = Reader(urls, (200, 200, 200), IOPolicy())
+    sequential = {(s, i): item.raw.key for s in range(3) for i, item in reader.run(s, 0, 200)}
+    rng = random.Random(0)
+    wanted = {n: (rng.randrange(3), rng.randrange(200)) for n in range(150)}
+    wanted[150] = wanted[3]  # one sample held twice
+    got = Reader(urls, (200, 200, 200), reader.io).fetch(wanted)
+    assert {n: item.raw.key for n, item in got.items()} == {n: sequential[w] for n, w in wanted.items()}
 
 
-def test_restored_source_hands_on_the_same_samples(digits_shards):
-    urls = [str(digits_shards / f"train-{i:06d}.tar") for i in range(9)]
-    spec = StreamSpec(urls=urls, lengths=None, batch_size=BATCH, rank=0, world_size=1, seed=5, transform=None)
-    seed_of = (5, 0, 1, 0)
-    whole = ShardDraws(spec, Counters(), Indexes(spec.io), seed_of)
-    it = iter(whole)
-    head = [next(it) for _ in range(333)]
-    state = whole.state()
-    rest = [next(it) for _ in range(250)]  # crosses into the next shard draws
-    again = ShardDraws(spec, Counters(), Indexes(spec.io), seed_of)
-    again.restore(state)
-    got = [x for _, x in zip(range(250), again, strict=False)]
-    assert [(x.v, x.seed, x.raw.key) for x in got] == [(x.v, x.seed, x.raw.key) for x in rest]
-    assert head[-1].v[0] == 333 and got[0].v[0] == 334
+def test_spans_merge_the_smallest_gaps_within_the_wanted_count():
+    assert spans([1, 2, 3, 7]) == [(1, 8)]  # 4 wanted, gap of 3
+    assert spans([0, 10, 11, 30]) == [(0, 1), (10, 12), (30, 31)]  # gaps of 9 and 18 exceed 4 wanted
+    wanted = sorted(random.Random(1).sample(range(1000), 100))  # in 94 runs of consecutive samples
+    got = spans(wanted)
+    assert all(any(a <= i < b for a, b in got) for i in wanted)
+    assert sum(b - a for a, b in got) <= 2 * len(wanted)  # at most as many unwanted samples as wanted ones
+    assert len(got) == 57  # requests: 57 instead of one per run

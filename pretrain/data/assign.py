@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
+from pretrain.typed_config import ConfigError
 
-class LayoutError(ValueError):
+
+class LayoutError(ConfigError):
     """This layout cannot serve the saved order; the one-line message names the valid values."""
 
 
@@ -87,6 +89,10 @@ class Layout:
     def used_workers(self) -> int:
         """Workers that serve streams: min(num_workers, S), at least 1 (the main process when num_workers is 0)."""
         return min(max(self.workers, 1), self.per_rank)
+
+    def workers_line(self) -> tuple[int, int, int]:
+        """(workers asked for, streams per rank, workers used): what the loader logs when fewer are used."""
+        return self.workers, self.per_rank, self.used_workers
 
     def rank_streams(self, rank: int) -> range:
         """Canonical streams of `rank`."""

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 
 import webdataset as wds
 
 from data_tools.decode import BadSample, decode_rgb, image_size, is_jpeg
-from data_tools.format import LABEL_EXT, SAMPLE_EXTS, LabelError, image_ext, is_ignored, parse_cls, split_name
+from data_tools.format import LABEL_EXT, SAMPLE_EXTS, Grouping, LabelError, image_ext, parse_cls
 from data_tools.storage import IOPolicy, StorageError, is_remote, open_stream
 
 __all__ = [  # the decoder's names are re-exported: the stream's modules take them from here
@@ -55,48 +55,52 @@ class RawSample:
 
 
 def read_shard(
-    url: str, start: int = 0, end: int | None = None, offsets: list[int] | None = None, policy: IOPolicy | None = None
+    url: str,
+    start: int = 0,
+    end: int | None = None,
+    offsets: list[int] | None = None,
+    policy: IOPolicy | None = None,
+    want: Container[int] | None = None,
 ) -> Iterator[tuple[int, RawSample]]:
-    """Yield `(index_in_shard, RawSample)` for samples `start <= index < end` of one shard.
+    """Yield `(index_in_shard, RawSample)` for samples `start <= index < end` of one shard (only those in `want`,
+    when given), grouped by the shard format's rule (`data_tools.format.Grouping`).
 
-    Samples before `start` are passed over without reading their bytes (local files: headers only; remote shards
-    with their index `offsets`: the read starts at sample `start`'s byte and stops before sample `end`'s); reading
-    stops after sample `end - 1`. Members whose extension is not wanted (e.g. `.pyd`, `.pth`) are never read.
+    Samples before `start` and outside `want` are passed over without reading their bytes (local files: headers
+    only; remote shards with their index `offsets`: the read starts at sample `start`'s byte and stops before sample
+    `end`'s). Members whose extension is not wanted (e.g. `.pyd`, `.pth`) are never read.
 
     Raises:
         BadShard: the shard cannot be opened, is not a tar file, or ends in the middle of a member.
     """
     base = 0
     try:
-        if is_remote(url):
-            if offsets is not None and start >= len(offsets) - 1:
+        if is_remote(url) and offsets is not None:
+            if start >= len(offsets) - 1:
                 return  # the index holds fewer samples: the caller counts the shortfall
-            if offsets is not None:
-                base = start
-                hi = None if end is None else offsets[min(end, len(offsets) - 1)]
-                stream = open_stream(url, offsets[start], hi, policy)
-            else:
-                stream = open_stream(url, 0, None, policy)
+            base, hi = start, None if end is None else offsets[min(end, len(offsets) - 1)]
+            stream = open_stream(url, offsets[start], hi, policy)
         else:
-            stream = wds.gopen(url, "rb")
+            stream = open_stream(url, 0, None, policy) if is_remote(url) else wds.gopen(url, "rb")
     except Exception as e:  # noqa: BLE001 - any opener failure (missing file, HTTP error) is a bad shard
         raise BadShard(url, f"cannot open ({type(e).__name__}: {e})") from None
     try:
-        index, key, members = base - 1, None, {}
+        grouping, at, key, members = Grouping(), None, "", {}
+        wanted = (lambda i: i >= start) if want is None else (lambda i: i >= start and i in want)
         for name, read in _members(stream):
-            if is_ignored(name):
+            placed = grouping.place(name)
+            if placed is None:
                 continue
-            k, ext = split_name(name)
-            if k != key:
-                if index >= start and key is not None:
-                    yield index, RawSample(key, members)
-                index, key, members = index + 1, k, {}
-                if end is not None and index >= end:
+            i, ext = placed[0] + base, placed[1]
+            if i != at:
+                if at is not None and wanted(at):
+                    yield at, RawSample(key, members)
+                at, key, members = i, grouping.key, {}
+                if end is not None and i >= end:
                     return
-            if index >= start and ext in SAMPLE_EXTS:
+            if ext in SAMPLE_EXTS and wanted(i):
                 members[ext] = read()
-        if key is not None and index >= start and (end is None or index < end):
-            yield index, RawSample(key, members)
+        if at is not None and wanted(at) and (end is None or at < end):
+            yield at, RawSample(key, members)
     except StorageError as e:
         raise BadShard(url, f"unreadable ({e})") from None
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:

@@ -13,13 +13,14 @@ import dataclasses
 from dataclasses import dataclass
 
 from pretrain.data.order import OrderSpec, batches_per_epoch
+from pretrain.typed_config import ConfigError
 
 STATE_VERSION = 2
 ORDER_FIELDS = ("mode", "seed", "streams", "global_batch", "shuffle_buffer", "remainder", "samples")
 """The fields that define the order: a resume with any of them changed is refused."""
 
 
-class StateError(ValueError):
+class StateError(ConfigError):
     """A saved stream state that this run cannot continue; the one-line message names the setting."""
 
 
@@ -88,6 +89,24 @@ class StreamState:
         names = {f.name for f in dataclasses.fields(cls)}
         state = cls(**{k: v for k, v in d.items() if k in names})
         return dataclasses.replace(state, bad_shards=tuple(sorted(state.bad_shards)))
+
+    @classmethod
+    def from_version_1(cls, states: list[dict], run: StreamState) -> StreamState:
+        """The state of the code before the elastic order (version 1: every rank's position in its own order) as
+        a position in this order: the same epoch and the same number of global batches into it, this run's
+        settings. The samples of that epoch may then repeat or be missed once; later epochs are whole."""
+        old = states[0]
+        done = old["batches"] * old["batch_size"] * old["world_size"] // run.global_batch
+        bad = sum(st.get("bad_samples", 0) for st in states)
+        return dataclasses.replace(run, epoch=old["epoch"], bad_samples=bad).advanced(done)
+
+    def note_version_1(self) -> str:
+        """The warning a resume from a version-1 state logs."""
+        return (
+            f"the checkpoint's stream state was written before the elastic order (version 1): the stream goes on at "
+            f"epoch {self.epoch}, global batch {self.batches} of the new order; samples of this epoch may repeat or "
+            "be missed once (later epochs are whole)"
+        )
 
     def check_continues(self, run: StreamState) -> None:
         """Refuse to continue this saved state with a run whose order settings (`run`, a fresh state) differ."""

@@ -6,7 +6,7 @@ At ImageNet-21k rates (about 4.7k img/s per H100 for ViT-B/16) JPEG decoding nee
 
     worker (DeferredTrainTransform)   JPEG: header size -> crop box + flip -> `JpegCrop`; others: decoded and
                                       transformed as on the CPU path (finished uint8 images)
-    worker (stages.batched)           `pack_jpegs`: the batch's JPEG bytes in one uint8 tensor + offsets, boxes, flips
+    worker (stream.TrainStream.part)  `pack_jpegs`: the part's JPEG bytes in one uint8 tensor + offsets, boxes, flips
     main process (DeviceBatches)      one batched `decode_jpeg(..., device="cuda")` (nvJPEG), then per image the
                                       crop + antialiased resize (`resized_crop`) + flip on the device; an image the
                                       GPU cannot decode is decoded on the CPU (`decode_rgb`) and moved there
@@ -60,7 +60,7 @@ class DeferredTrainTransform(TrainTransform):
     RandAugment needs the decoded image, so it is not offered here (the config refuses it with `gpu`).
     """
 
-    def __init__(self, img_size: int, scale_min: float = 0.08, hflip: bool = True):
+    def __init__(self, img_size: int, scale_min: float, hflip: bool):
         super().__init__(img_size, scale_min, hflip)
 
     def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor | JpegCrop:

@@ -1,11 +1,11 @@
-"""Per-rank loaders: the training stream with state_dict / load_state_dict and throughput meters, and evaluation.
+"""Per-rank loaders: the training stream (micro-batches, state_dict / load_state_dict, meters) and evaluation.
 
 loader = build_train_loader(cfg.data, img_size=224, batch_size=64, rank=r, world_size=w, seed=cfg.run.seed)
-loader.load_state_dict(all_ranks_states)       # optional, before iterating
+loader.load_state_dict(saved)                   # optional, before iterating: the checkpoint's stream state
 for batch in loader:                            # infinite: epochs follow each other
     x = normalize(batch["image"].to(dev, non_blocking=True), cfg.data.mean, cfg.data.std, torch.bfloat16)
     ...
-    states = all_gather_object(loader.state_dict())   # stored in the checkpoint
+    state = loader.state_dict()                 # at a step boundary; `TrainLoader.merge` of every rank's is saved
 
 Workers ignore stop signals (`workers.py`): the loaders stop them themselves, with `close()` (or `with loader:`),
 after an error, and at the program's exit at the latest, so a script that takes a batch and returns ends.
@@ -13,76 +13,79 @@ after an error, and at the program's exit at the latest, so a script that takes 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader
 
-from data_tools.storage import IOPolicy
 from pretrain.config import DataConfig
+from pretrain.data.assign import Layout, default_streams
+from pretrain.data.elastic_state import RankCounts, StateError, StreamState
 from pretrain.data.evalstream import EvalStream, eval_batches_per_worker
 from pretrain.data.gpu_decode import Decoder, DeferredTrainTransform, DeviceBatches
-from pretrain.data.positions import batches_per_rank, unfinished
-from pretrain.data.shards import ShardError, ShardList, resolve_shards
+from pretrain.data.order import batches_per_epoch
+from pretrain.data.reader import image_batch, label_tensor
+from pretrain.data.shards import ShardList, resolve_shards
 from pretrain.data.stream import StreamSpec, TrainStream
 from pretrain.data.transforms import EvalTransform, TrainTransform
-from pretrain.data.workers import closed, running, stop_workers
+from pretrain.data.workers import closed, pss_gib, running, server_pids, stop_workers
 from pretrain.data.workers import make_dataloader as _dataloader
 
-STATE_VERSION = 1
+log = logging.getLogger("pretrain.data")
 
 
 class TrainLoader:
-    """Training batches of one rank: {"image": uint8 (B, 3, S, S), "label": int64 (B,) or (B, K), "key": [str]}.
+    """Training micro-batches of one rank: {"image": uint8 (m, 3, S, S), "label": int64 (m,) or (m, K), "key"}.
 
-    Iterate it once (the iterator is infinite); `state_dict()` describes the batches consumed so far. With
+    Iterate it once (the iterator is infinite); `state_dict()` at a step boundary says where the run stands. With
     `on_device` (`data.decode=gpu`) each batch's images are assembled on the device before it is handed out.
     `close()` (or `with loader:`) stops the workers; so does an error, dropping the iterator, or the program's exit.
+
+    Args:
+        spec: shards and transform (`StreamSpec.of`).
+        layout: canonical streams, global batch, ranks, workers, micro-batches per step.
+        rank: this rank.
+        state: a fresh run's state (order settings, epoch 0).
+        shards: the shard list (class names).
+        fixed_streams: C was set in the config (a resume must match it); else the checkpoint's C is taken.
     """
+
+    per_rank = True
+    """The Checkpointer gathers every rank's `state_dict()` and stores their `merge` (one record)."""
 
     def __init__(
         self,
-        shards: ShardList,
         spec: StreamSpec,
-        num_workers: int,
-        pin_memory=None,
+        layout: Layout,
+        rank: int,
+        state: StreamState,
+        shards: ShardList,
+        fixed_streams: bool = False,
+        pin_memory: bool | None = None,
         prefetch: int = 2,
         on_device: DeviceBatches | None = None,
     ):
-        if spec.mode == "epoch" and shards.lengths is None:
-            raise ShardError(
-                "epoch mode needs per-shard sample counts: use a folder with _info.json or data.mode=resampled"
-            )
-        self.shards, self.spec, self.num_workers = shards, spec, num_workers
-        self.slots = max(1, num_workers)
-        self.pin_memory, self.prefetch, self.on_device = pin_memory, prefetch, on_device
+        self.spec, self.layout, self.rank, self.state, self.fixed_streams = spec, layout, rank, state, fixed_streams
         self.num_classes, self.class_names = shards.num_classes, shards.class_names
-        self._resume: dict | None = None
-        self._started = False
-        self._it = None  # the DataLoader iterator, while workers may run
-        self._epoch, self._k, self._reseed = 0, 0, 0
-        self._segment = [[0, shards.num_samples or 0]]
-        self._new_epoch_workers()
-        self._counters = [_zero_counters() for _ in range(self.slots)]
-        self._base = {"bad_samples": 0, "bad_shards": 0}
-        self._wait, self._images, self._t0 = 0.0, 0, time.perf_counter()
-        self._io = [{"io_retries": 0, "io_bytes": 0} for _ in range(self.slots)]  # per worker process, cumulative
-        self._io_bytes0 = 0
-
-    def _new_epoch_workers(self) -> None:
-        self._workers = [{"watermark": 0, "raw": 0, "buffer": None} for _ in range(self.slots)]
+        self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch, self.on_device = prefetch, on_device
+        self._started, self._it, self._epoch, self._micro = False, None, state.epoch, 0
+        self._counts = RankCounts()  # this rank's bad data in consumed micro-batches since the start or resume
+        self._io: dict[int, list[int]] = {}  # per worker process: cumulative [retries, bytes]
+        self._wait, self._images, self._t0, self._io_bytes0 = 0.0, 0, time.perf_counter(), 0
 
     @property
     def batches_per_epoch(self) -> int | None:
-        """Batches per rank in a full epoch (None in resampled mode)."""
-        s = self.spec
-        return (
-            None if s.mode == "resampled" else batches_per_rank(sum(s.lengths), s.world_size, s.batch_size, s.remainder)
-        )
+        """Micro-batches per rank in an epoch (None in resampled mode)."""
+        if self.state.mode == "resampled":
+            return None
+        return batches_per_epoch(self.state.spec(self.spec.lengths), self.state.samples) * self.layout.accum
 
     @property
     def epoch(self) -> int:
+        """The epoch of the last micro-batch handed out."""
         return self._epoch
 
     def __enter__(self) -> TrainLoader:
@@ -103,160 +106,148 @@ class TrainLoader:
         if self._started:
             raise RuntimeError("a TrainLoader is iterated once (its iterator is infinite); keep the iterator")
         self._started = True
-        stream = TrainStream(self.spec, self.num_workers, self._resume)
-        dl = _dataloader(stream, self.num_workers, self.pin_memory, self.prefetch)
+        lay = self.layout
+        if lay.workers > lay.used_workers:
+            log.info("data.num_workers=%d: the rank's %d canonical streams keep %d busy", *lay.workers_line())
+        stream = TrainStream(self.spec, self.layout, self.rank, self.state)
+        workers = self.layout.used_workers if self.layout.workers else 0
+        self._it = it = iter(_dataloader(stream, workers, False, self.prefetch))
+        running(self, it)
         try:
-            yield from self._epochs(dl)
-        finally:  # an error, close(), or the iterator dropped: stop the workers now, not at garbage collection
-            self.close()
-
-    def _epochs(self, dl: DataLoader) -> Iterator[dict]:
-        while True:
-            self._it = it = iter(dl)  # persistent workers: the same iterator (and processes) every epoch
-            running(self, it)
-            t0 = time.perf_counter()
             while True:
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    break
-                self._consume(batch.pop("_meta"))
+                t0 = time.perf_counter()
+                batch = self._assemble([next(it) for _ in range(self.layout.used_workers)])
                 if self.on_device is not None:  # data.decode=gpu: decoding is part of the wait for data
-                    self._base["bad_samples"] += self.on_device(batch)
+                    self._counts = self._counts.add(self.on_device(batch))
                 self._wait += time.perf_counter() - t0
-                self._images += batch["image"].shape[0]
+                self._images += len(batch["key"])
                 yield batch
                 if self._it is None:  # closed while the caller held this batch
                     return
-                t0 = time.perf_counter()
-            if self.spec.mode == "resampled":
-                return
-            self._base = self.bad_counts()  # worker counters restart with every epoch
-            self._counters = [_zero_counters() for _ in range(self.slots)]
-            self._epoch, self._k = self._epoch + 1, 0
-            self._segment = [[0, sum(self.spec.lengths)]]
-            self._new_epoch_workers()
+        finally:  # an error, close(), or the iterator dropped: stop the workers now, not at garbage collection
+            self.close()
 
-    def _consume(self, meta: dict) -> None:
-        w = meta["worker"]
-        self._k += 1
-        self._workers[w] = {"watermark": meta["watermark"], "raw": meta["raw"], "buffer": meta["buffer"]}
-        self._io[w] = {"io_retries": meta["io_retries"], "io_bytes": meta["io_bytes"]}
-        self._counters[w] = {k: meta[k] for k in ("bad_samples", "bad_shards", "last_bad_shard")}
-        bad = self._base["bad_shards"] + sum(c["bad_shards"] for c in self._counters)
-        if bad > self.spec.max_bad_shards:
+    def _assemble(self, parts: list[dict]) -> dict:
+        """One micro-batch from every worker's part: rows put in place, counters taken, the position advanced."""
+        at, m = parts[0]["at"], self.layout.micro
+        if any(p["at"] != at for p in parts):
+            raise RuntimeError(f"the workers' parts belong to different micro-batches: {[p['at'] for p in parts]}")
+        if len(parts) == 1 and parts[0]["rows"] == list(range(m)):  # one worker serves every row, in order
+            image = parts[0]["image"].pin_memory() if self.pin else parts[0]["image"]
+        else:
+            image = image_batch(m, self.spec.img_size, self.pin)
+            for p in parts:
+                image[p["rows"]] = p["image"]
+        labels, keys = [None] * m, [None] * m
+        for w, p in enumerate(parts):
+            for row, label, key in zip(p["rows"], p["label"], p["key"], strict=True):
+                labels[row], keys[row] = label, key
+            self._counts = self._counts.add(p["bad_samples"], p["bad_shards"])
+            self._io[w] = p["io"]
+        self._check_bad_shards(parts)
+        batch = {"image": image, "label": label_tensor(labels, self.spec.multilabel), "key": keys}
+        jpeg = _merged_jpegs(parts)
+        if jpeg is not None:
+            batch["jpeg"] = jpeg
+        self._epoch, self._micro = at[0], self._micro + 1
+        if self._micro % self.layout.accum == 0:  # the step's last micro-batch: its global batch is consumed
+            self.state = self.state.advanced(1)
+        return batch
+
+    def _check_bad_shards(self, parts: list[dict]) -> None:
+        bad = set(self.state.bad_shards) | self._counts.bad_shards
+        if len(bad) > self.spec.max_bad_shards:
+            last = next(s for p in parts for s in p["bad_shards"])
             raise RuntimeError(
-                f"{bad} bad shards on rank {self.spec.rank} (limit data.max_bad_shards={self.spec.max_bad_shards}); "
-                f"the last was {meta['last_bad_shard']}. Check the shards with `python -m data_tools verify`"
+                f"{len(bad)} bad shards (limit data.max_bad_shards={self.spec.max_bad_shards}); the last was "
+                f"{self.spec.urls[last]}. Check the shards with `python -m data_tools verify`, or raise the limit"
             )
 
     def stats(self, reset: bool = True) -> dict:
         """images_per_s, data_wait_fraction (time spent waiting in next() / wall time) and storage_bytes_per_s
-        (remote reads) since the last reset; the bad-data counts and io_retries (remote faults retried) so far."""
+        (remote reads) since the last reset; the bad-data counts, io_retries (remote faults retried) and
+        workers_gib (resident memory of the workers and their fork server, PSS) now."""
         now = time.perf_counter()
         dt = max(now - self._t0, 1e-9)
-        io_bytes = sum(x["io_bytes"] for x in self._io)
+        io_bytes = sum(x[1] for x in self._io.values())
+        workers = [w.pid for w in getattr(self._it, "_workers", ())] + server_pids()
         out = {
             "images_per_s": self._images / dt,
             "data_wait_fraction": min(1.0, self._wait / dt),
             "storage_bytes_per_s": (io_bytes - self._io_bytes0) / dt,
-            "io_retries": sum(x["io_retries"] for x in self._io),
+            "io_retries": sum(x[0] for x in self._io.values()),
             **self.bad_counts(),
+            "workers_gib": pss_gib(workers),
         }
         if reset:
             self._wait, self._images, self._t0, self._io_bytes0 = 0.0, 0, now, io_bytes
         return out
 
     def bad_counts(self) -> dict:
-        """Bad samples and shards skipped on this rank so far (also stored in the state)."""
-        return {k: self._base[k] + sum(c[k] for c in self._counters) for k in ("bad_samples", "bad_shards")}
+        """Bad samples and shards met so far: the run's before the resume plus this rank's since."""
+        bad_shards = set(self.state.bad_shards) | self._counts.bad_shards
+        return {"bad_samples": self.state.bad_samples + self._counts.bad_samples, "bad_shards": len(bad_shards)}
 
     def state_dict(self) -> dict:
-        """This rank's position; gather it from all ranks and pass the list to `load_state_dict` on resume."""
-        s = self.spec
-        return {
-            "version": STATE_VERSION,
-            "mode": s.mode,
-            "seed": s.seed,
-            "remainder": s.remainder,
-            "batch_size": s.batch_size,
-            "world_size": s.world_size,
-            "rank": s.rank,
-            "num_workers": self.slots,
-            "epoch": self._epoch,
-            "batches": self._k,
-            "reseed": self._reseed,
-            "segment": [list(x) for x in self._segment],
-            "workers": [dict(w, **c) for w, c in zip(self._workers, self._counters, strict=True)],
-            **self.bad_counts(),
-        }
+        """Where the run stands (the same on every rank), with this rank's bad data since the resume under "rank";
+        `merge` turns every rank's into the run's record. Refused between the micro-batches of a step."""
+        if self._micro % self.layout.accum:
+            raise RuntimeError("the stream's state is saved at a step boundary, not between its micro-batches")
+        mine = {"bad_samples": self._counts.bad_samples, "bad_shards": sorted(self._counts.bad_shards)}
+        return {**RankCounts.merge(self.state, [self._counts]).to_dict(), "rank": mine}
 
-    def load_state_dict(self, states: list[dict] | dict) -> None:
-        """Continue where the saved run stopped.
+    @staticmethod
+    def merge(states: list[dict]) -> dict:
+        """Every rank's `state_dict()` -> the run's record (`StreamState.to_dict()`): the position they share, the
+        bad samples summed and the bad shards united. A record merged before is returned as it is."""
+        if "rank" not in states[0]:
+            return states[0]
+        if len({(s["epoch"], s["consumed"]) for s in states}) > 1:
+            raise StateError("the ranks' stream states stand at different positions; save at a step boundary")
+        first = StreamState.from_dict(states[0])
+        base = dataclasses.replace(first, bad_samples=first.bad_samples - states[0]["rank"]["bad_samples"])
+        ranks = [RankCounts(s["rank"]["bad_samples"], frozenset(s["bad_shards"])) for s in states]
+        return RankCounts.merge(base, ranks).to_dict()
 
-        Same world size, workers and batch size: the batches continue bit for bit. Otherwise (epoch mode) every
-        position of the epoch not yet consumed on any old rank is read again by the new layout: nothing is skipped;
-        a few samples (at most a shuffle buffer and a batch per old worker) are repeated once.
+    def load_state_dict(self, saved: dict | list) -> None:
+        """Continue where the saved run stopped, on any layout whose world size divides its canonical streams: the
+        global batches go on as in the uninterrupted run, sample for sample.
 
         Args:
-            states: `state_dict()` of every rank of the saved run (a single dict for a one-rank run).
+            saved: the checkpoint's record (`merge`), a `state_dict()`, or every rank's `state_dict()`; a state of
+                the code before the elastic order (version 1, per-rank lists) continues at its epoch and global
+                batch in this order, with a warning.
         """
         if self._started:
             raise RuntimeError("load_state_dict must be called before iterating the loader")
-        states = [states] if isinstance(states, dict) else sorted(states, key=lambda st: st["rank"])
-        s, old = self.spec, states[0]
-        if old.get("version") != STATE_VERSION or old["mode"] != s.mode:
-            raise ValueError(
-                f"stream state is for mode={old['mode']!r} version {old.get('version')}; this run uses {s.mode!r}"
-            )
-        if [st["rank"] for st in states] != list(range(old["world_size"])):
-            raise ValueError(
-                f"need the stream state of all {old['world_size']} ranks, got ranks {[st['rank'] for st in states]}"
-            )
-        same = all(
-            (st["world_size"], st["num_workers"], st["batch_size"], st["remainder"], st["seed"])
-            == (s.world_size, self.slots, s.batch_size, s.remainder, s.seed)
-            for st in states
-        )
-        if same:
-            mine = states[s.rank]
-            k = mine["batches"]
-            self._epoch, self._k, self._segment, self._reseed = mine["epoch"], k, mine["segment"], mine["reseed"]
-            self._workers = [
-                {"watermark": w["watermark"], "raw": w["raw"], "buffer": w.get("buffer")} for w in mine["workers"]
-            ]
-            self._counters = [
-                {x: w[x] for x in ("bad_samples", "bad_shards", "last_bad_shard")} for w in mine["workers"]
-            ]
-            self._base = {x: mine[x] - sum(c[x] for c in self._counters) for x in ("bad_samples", "bad_shards")}
-            self._resume = {
-                "epoch": self._epoch,
-                "segment": self._segment,
-                "skip_raw": [w["raw"] for w in self._workers],
-                "buffers": [w["buffer"] for w in self._workers],
-                "skip_batches": [k // self.slots + (w < k % self.slots) for w in range(self.slots)],
-                "counters": self._counters,
-                "reseed": self._reseed,
-                "shift": k % self.slots,
-            }
-            return
-        # a different layout: carry the counts over (summed onto new ranks), then re-split the unfinished work
-        self._base = {
-            x: sum(st[x] for st in states if st["rank"] % s.world_size == s.rank) for x in ("bad_samples", "bad_shards")
-        }
-        if s.mode == "resampled":  # no positions to track: a fresh stream with a new seed
-            self._reseed = old["reseed"] + sum(st["batches"] for st in states) + 1
-            self._resume = {"reseed": self._reseed, "skip_raw": [0] * self.slots, "shift": 0}
-            return
-        self._epoch, self._k, self._segment = old["epoch"], 0, unfinished(states)
-        if not self._segment:
-            self._epoch, self._segment = self._epoch + 1, [[0, sum(s.lengths)]]
-        zeros = [0] * self.slots
-        self._resume = {"epoch": self._epoch, "segment": self._segment, "skip_raw": zeros, "skip_batches": zeros}
+        states = saved if isinstance(saved, list) else [saved]
+        if states and states[0].get("version") == 1:
+            state = StreamState.from_version_1(states, self.state)
+            log.warning("%s", state.note_version_1())
+        else:
+            state = StreamState.from_dict(self.merge(states))
+        fresh = self.state if self.fixed_streams else dataclasses.replace(self.state, streams=state.streams)
+        state.check_continues(fresh)
+        self.layout = dataclasses.replace(self.layout, streams=state.streams)  # refuses a world size not dividing C
+        self.state, self._epoch = state, state.epoch
 
 
-def _zero_counters() -> dict:
-    return {"bad_samples": 0, "bad_shards": 0, "last_bad_shard": ""}
+def _merged_jpegs(parts: list[dict]) -> dict | None:
+    """`data.decode=gpu`: the parts' packed JPEGs as one pack whose rows are the micro-batch's."""
+    packs = [(p["rows"], p["jpeg"]) for p in parts if p["jpeg"] is not None]
+    if not packs:
+        return None
+    if len(packs) == 1 and packs[0][0] == list(range(len(packs[0][0]))):
+        return packs[0][1]
+    shifts = torch.tensor([0] + [int(j["offsets"][-1]) for _, j in packs[:-1]]).cumsum(0)  # bytes before each
+    ends = [j["offsets"][1:] + shift for (_, j), shift in zip(packs, shifts, strict=True)]
+    return {
+        "index": torch.cat([torch.tensor(rows)[j["index"]] for rows, j in packs]),
+        "data": torch.cat([j["data"] for _, j in packs]),
+        "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), *ends]),
+        "box": torch.cat([j["box"] for _, j in packs]),
+        "flip": torch.cat([j["flip"] for _, j in packs]),
+    }
 
 
 class EvalLoader:
@@ -266,19 +257,28 @@ class EvalLoader:
     program's exit stops them (a pass after `close()` starts new ones).
     """
 
-    def __init__(self, shards: ShardList, spec: StreamSpec, num_workers: int, pin_memory=None, prefetch: int = 2):
-        if shards.lengths is None:
-            raise ShardError(
-                "evaluation needs per-shard sample counts: point data.val_shards at a folder with _info.json"
-            )
-        self.shards, self.spec, self.slots = shards, spec, max(1, num_workers)
+    def __init__(
+        self,
+        shards: ShardList,
+        spec: StreamSpec,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        pin_memory: bool | None = None,
+    ):
+        self.spec, self.slots = spec, max(1, num_workers)
         self.num_classes, self.class_names = shards.num_classes, shards.class_names
-        self.num_samples = sum(shards.lengths)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_samples = sum(spec.lengths)
         self.last_bad_counts = {"bad_samples": 0, "bad_shards": 0}
         """Bad samples / shards met by the latest (or current) pass."""
-        self._loader_args = (num_workers, pin_memory, prefetch)
-        self._dl = _dataloader(EvalStream(spec, num_workers), *self._loader_args)
+        self._loader_args = (num_workers, pin_memory, 2)
+        self._dl = _dataloader(self._stream(), *self._loader_args)
         self._it = None  # the DataLoader iterator, while workers may run
+
+    def _stream(self) -> EvalStream:
+        return EvalStream(self.spec, self.batch_size, self.rank, self.world_size, self._loader_args[0])
 
     def __enter__(self) -> EvalLoader:
         return self
@@ -293,12 +293,10 @@ class EvalLoader:
         if it is not None:
             stop_workers(it)
             # a fresh DataLoader: the old one would hand the stopped iterator to the next pass
-            self._dl = _dataloader(EvalStream(self.spec, self._loader_args[0]), *self._loader_args)
+            self._dl = _dataloader(self._stream(), *self._loader_args)
 
     def __len__(self) -> int:
-        return self.slots * eval_batches_per_worker(
-            self.num_samples, self.spec.world_size * self.slots, self.spec.batch_size
-        )
+        return self.slots * eval_batches_per_worker(self.num_samples, self.world_size * self.slots, self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
         counters: dict[int, dict] = {}
@@ -318,11 +316,6 @@ class EvalLoader:
             yield batch
 
 
-def io_policy(cfg: DataConfig) -> IOPolicy:
-    """Timeouts, retries and request size for remote shards, from the data config."""
-    return IOPolicy(timeout_s=cfg.io_timeout_s, retries=cfg.io_retries, chunk_bytes=cfg.io_chunk_bytes)
-
-
 def build_train_loader(
     cfg: DataConfig,
     *,
@@ -330,6 +323,7 @@ def build_train_loader(
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
+    accum_steps: int = 1,
     seed: int = 0,
     multilabel: bool = False,
     num_workers: int | None = None,
@@ -337,13 +331,13 @@ def build_train_loader(
     device: torch.device | str = "cuda",
     decoder: Decoder | None = None,
 ) -> TrainLoader:
-    """The training loader of one rank from a `DataConfig` (`cfg.train_shards`, mode, augmentation, ...).
+    """The training loader of one rank from a `DataConfig`: micro-batches of `batch_size`, `accum_steps` of them
+    per optimizer step, so the global batch is batch_size x world_size x accum_steps.
 
     `device` and `decoder` serve `data.decode=gpu` only: where the batches are assembled, and the batched JPEG
     decoder (default nvJPEG on `device`; see `gpu_decode.DeviceBatches`).
     """
-    io = io_policy(cfg)
-    shards = resolve_shards(cfg.train_shards, cfg.train_split, count=cfg.mode == "epoch")
+    shards = resolve_shards(cfg.train_shards, cfg.train_split)
     on_device = None
     if cfg.decode == "gpu":
         transform = DeferredTrainTransform(img_size, cfg.crop_scale_min, cfg.hflip)
@@ -352,24 +346,14 @@ def build_train_loader(
         transform = TrainTransform(
             img_size, cfg.crop_scale_min, cfg.hflip, cfg.randaugment_ops, cfg.randaugment_magnitude
         )
-    spec = StreamSpec(
-        shards.urls,
-        shards.lengths,
-        batch_size,
-        rank,
-        world_size,
-        seed,
-        transform,
-        mode=cfg.mode,
-        remainder=cfg.remainder,
-        shuffle_buffer=cfg.shuffle_buffer,
-        max_bad_shards=cfg.max_bad_shards,
-        multilabel=multilabel,
-        img_size=img_size,
-        io=io,
-    )
+    spec = StreamSpec.of(cfg, shards, transform, img_size, multilabel)
     workers = cfg.num_workers if num_workers is None else num_workers
-    return TrainLoader(shards, spec, workers, pin_memory, on_device=on_device)
+    g = batch_size * world_size * accum_steps
+    streams = cfg.canonical_streams or default_streams(world_size, workers, g)
+    state = StreamState(cfg.mode, seed, streams, g, cfg.shuffle_buffer, cfg.remainder, sum(spec.lengths))
+    state.spec(spec.lengths)  # refuses C not dividing G (one line)
+    layout = Layout(streams, g, world_size, workers, accum_steps)
+    return TrainLoader(spec, layout, rank, state, shards, cfg.canonical_streams > 0, pin_memory, on_device=on_device)
 
 
 def build_eval_loader(
@@ -387,19 +371,6 @@ def build_eval_loader(
     if not cfg.val_shards:
         return None
     shards = resolve_shards(cfg.val_shards, cfg.val_split)
-    spec = StreamSpec(
-        shards.urls,
-        shards.lengths,
-        batch_size,
-        rank,
-        world_size,
-        0,
-        EvalTransform(img_size, cfg.eval_crop_pct),
-        shuffle_buffer=1,
-        max_bad_shards=cfg.max_bad_shards,
-        multilabel=multilabel,
-        img_size=img_size,
-        io=io_policy(cfg),
-    )
+    spec = StreamSpec.of(cfg, shards, EvalTransform(img_size, cfg.eval_crop_pct), img_size, multilabel)
     workers = cfg.num_workers if num_workers is None else num_workers
-    return EvalLoader(shards, spec, workers, pin_memory)
+    return EvalLoader(shards, spec, batch_size, rank, world_size, workers, pin_memory)

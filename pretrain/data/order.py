@@ -2,7 +2,7 @@
 sizes). No I/O, no torch: every rank, worker and resume computes the same answer from these numbers alone.
 
 An epoch is one global sequence of positions: shards in an order seeded by (seed, epoch), samples in tar order
-(`positions.epoch_offsets`). It is cut at sample level into C contiguous ranges, one per canonical stream; stream c
+(`epoch_offsets`). It is cut at sample level into C contiguous ranges, one per canonical stream; stream c
 reads its range in order (sequential ranged reads) through a shuffle buffer. In resampled mode stream c reads whole
 shards drawn with replacement by (seed, c) instead, forever.
 
@@ -20,21 +20,39 @@ Every stream emits the same number of outputs per epoch (`EpochOrder.outputs`); 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
+import random
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
 
-from pretrain.data.positions import epoch_offsets, mix
+from pretrain.typed_config import ConfigError
 
 T = TypeVar("T")
 _FLUSH, _DRAWS, _SAMPLES, _RESAMPLED_SEEDS = 1, 2, 3, 4  # salts: independent hash streams of one key
 
 
-class OrderError(ValueError):
+class OrderError(ConfigError):
     """The order cannot be built with these numbers; the message names the setting to change."""
+
+
+def mix(*ints: int) -> int:
+    """A 63-bit seed from integers (a hash, so nearby inputs give unrelated streams)."""
+    return int.from_bytes(hashlib.blake2b(struct.pack(f"<{len(ints)}q", *ints), digest_size=8).digest(), "little") >> 1
+
+
+def epoch_offsets(lengths: Sequence[int], seed: int, epoch: int) -> tuple[list[int], list[int]]:
+    """Shard order of an epoch and the first position of each shard in that order (plus the total at the end)."""
+    order = list(range(len(lengths)))
+    random.Random(mix(seed, epoch)).shuffle(order)
+    offsets = [0]
+    for k in order:
+        offsets.append(offsets[-1] + lengths[k])
+    return order, offsets
 
 
 def hash64(key: int, idx: np.ndarray) -> np.ndarray:

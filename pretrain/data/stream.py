@@ -1,289 +1,205 @@
-"""The resumable training stream: per-worker pipeline of the training dataset (epoch and resampled modes).
+"""The training stream's workers: the elastic order (`order.py`) read from the shards, as parts of micro-batches.
 
-Slot (rank, w) reads the contiguous virtual range of its positions (`positions.py`), shuffles the raw bytes in a
-buffer seeded by (seed, epoch, slot), then decodes and augments each sample with an RNG seeded by
-(seed, epoch, position): the output never depends on timing. The pipeline is a list of stages (`stages.py`):
+One worker serves some canonical streams of its rank (`assign.Layout`); for each micro-batch it yields its part: the
+rows of its streams. Per canonical stream:
 
-    read the slot's positions (bad samples and shards counted) -> shuffle -> [borrow the positions after the
-    range if bad samples left it short] -> mark drawn positions finished -> [replay, on a resume without a saved
-    buffer] -> decode + augment -> batch
+    positions (order.py) -> Reader (held samples by random access, then sequential runs) -> ShuffleBuffer
+    -> decode + augment with the slot's seed -> a bad slot filled by the stream's nearest good output -> part
 
-Each batch carries, per worker, a watermark (every position of the worker's range below it has left the shuffle
-buffer), the number of raw samples drawn so far, the bad-data counters, and the shuffle buffer's state (the
-positions it holds, its RNG, the read cursor); `loader.TrainLoader` turns these into its state_dict. A resume
-fetches the held positions by random access (`<shard>.idx` offsets for remote shards) and reads on from the
-cursor: O(buffer) bytes, not O(position). Resampled mode does the same with its own source (`resampled.py`). A state
-without the buffer (saved before it existed) is replayed instead.
+Nothing depends on timing, the number of ranks or workers, or where the run was resumed: a stream's outputs are a
+function of (seed, epoch, C, G, buffer, shard sizes) and of which samples are readable (docs/stream.md).
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
+import logging
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
 
-import numpy as np
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_tools.storage import IO_STATS, IOPolicy
-from pretrain.data.positions import batches_per_rank, epoch_offsets, mix, slot_range, virtual_runs, worker_quotas
-from pretrain.data.resampled import ShardDraws, set_rng_state
-from pretrain.data.stages import (
-    Counters,
-    Indexes,
-    Sample,
-    Shuffler,
-    augmented,
-    batched,
-    labelled,
-    replay,
-    runs_of,
-    shard_samples,
-)
+from pretrain.config import DataConfig
+from pretrain.data.assign import Layout, worker_plan
+from pretrain.data.decode import image_bytes
+from pretrain.data.elastic_state import StreamState
+from pretrain.data.gpu_decode import JpegCrop, pack_jpegs
+from pretrain.data.order import EpochOrder, EpochStream, ResampledStream, ShuffleBuffer, stream_of, substitute
+from pretrain.data.reader import Item, Reader, image_batch, skip_reason
+from pretrain.data.shards import ShardError, ShardList
+
+log = logging.getLogger("pretrain.data")
+Stream = EpochStream | ResampledStream
 
 
-@dataclass
+@dataclass(frozen=True)
 class StreamSpec:
-    """Everything a loader worker needs (pickled into each worker process)."""
+    """What every worker of a loader needs besides the order (pickled into each worker process); built from the
+    config by `of`, with no defaults of its own."""
 
-    urls: list[str]
-    lengths: list[int] | None
-    batch_size: int
-    rank: int
-    world_size: int
-    seed: int
-    transform: object
-    mode: str = "epoch"
-    remainder: str = "drop"
-    shuffle_buffer: int = 2000
-    max_bad_shards: int = 10
-    multilabel: bool = False
-    img_size: int = 224
-    io: IOPolicy = field(default_factory=IOPolicy)
+    urls: tuple[str, ...]
+    lengths: tuple[int, ...]
+    transform: Callable
+    """bytes, random.Random -> uint8 (3, S, S) image (or `JpegCrop` under data.decode=gpu)."""
+    img_size: int
+    multilabel: bool
+    max_bad_shards: int
+    io: IOPolicy
 
-
-class Finished:
-    """Which positions of a slot's own virtual range [v0, v1) are finished work (drawn, bad or missing), and the
-    watermark below which all of them are: where a resume with another layout may start."""
-
-    def __init__(self, v0: int, v1: int):
-        self.v0, self.done, self.mark = v0, np.zeros(v1 - v0, dtype=bool), 0
-
-    def set(self, v: int) -> None:
-        if 0 <= v - self.v0 < len(self.done):
-            self.done[v - self.v0] = True
-
-    def set_range(self, a: int, b: int) -> None:
-        self.done[max(a - self.v0, 0) : max(b - self.v0, 0)] = True
-
-    def track(self, samples: Iterator[Sample]) -> Iterator[Sample]:
-        """The samples unchanged; each one drawn is finished work."""
-        for sample in samples:
-            self.set(sample.v)
-            yield sample
-
-    def restore(self, cursor: int, held: list[int]) -> None:
-        """A resumed slot: everything read before `cursor` is finished, except the positions still `held`."""
-        self.set_range(self.v0, cursor)
-        for v in held:
-            if 0 <= v - self.v0 < len(self.done):
-                self.done[v - self.v0] = False
-
-    def watermark(self) -> int:
-        while self.mark < len(self.done) and self.done[self.mark]:
-            self.mark += 1
-        return self.mark
+    @classmethod
+    def of(cls, cfg: DataConfig, shards: ShardList, transform: Callable, img_size: int, multilabel: bool) -> StreamSpec:
+        if shards.lengths is None:
+            raise ShardError(
+                "the stream needs per-shard sample counts (in epoch and resampled mode alike): point the shards at "
+                "a folder with _info.json (`data_tools shard` writes it), or use local shards (counted from their "
+                "tar headers)"
+            )
+        io = IOPolicy(timeout_s=cfg.io_timeout_s, retries=cfg.io_retries, chunk_bytes=cfg.io_chunk_bytes)
+        return cls(tuple(shards.urls), tuple(shards.lengths), transform, img_size, multilabel, cfg.max_bad_shards, io)
 
 
-class Cursor:
-    """The next virtual position a slot reads (one past the last sample handed to the shuffle buffer)."""
+class Out(NamedTuple):
+    """One output slot of a canonical stream, ready for a batch."""
 
-    def __init__(self, v: int):
-        self.next = v
-
-    def track(self, samples: Iterator[Sample]) -> Iterator[Sample]:
-        for sample in samples:
-            self.next = sample.v + 1
-            yield sample
+    image: torch.Tensor | JpegCrop
+    labels: list[int]
+    key: str
+    bad: str = ""
+    """Why the slot's own sample is bad (it holds a substitute); empty when good."""
+    lost: int = -1
+    """The bad shard the slot's own sample was lost to, or -1."""
 
 
 class TrainStream(IterableDataset):
-    """Training batches of one rank; each DataLoader worker yields the whole batches of its slot.
+    """The parts one rank's worker yields, forever, from the position `state` on (iterate once per worker).
 
     Args:
-        spec: shards, batch size, rank layout, transform.
-        num_workers: DataLoader workers of this rank (0 -> one slot, run in the main process).
-        resume: from `loader.TrainLoader.load_state_dict`: {"epoch", "segment", "skip_raw": [per worker],
-            "counters": [per worker], "buffers": [per worker, or None: replay], "reseed"}; None starts at epoch 0.
+        spec: shards and transform.
+        layout: canonical streams, global batch, ranks, workers, micro-batches.
+        rank: this rank.
+        state: where the run stands (epoch, consumed) and the order's settings.
     """
 
-    def __init__(self, spec: StreamSpec, num_workers: int, resume: dict | None = None):
-        self.spec, self.slots = spec, max(1, num_workers)
-        self.resume = resume or {}
-        self.epoch = int(self.resume.get("epoch", 0))
-        self.counters = Counters()
-        self.indexes = Indexes(spec.io)
+    def __init__(self, spec: StreamSpec, layout: Layout, rank: int, state: StreamState):
+        self.spec, self.layout, self.rank, self.state = spec, layout, rank, state
+        self.order = state.spec(spec.lengths)
+        self.logged = 0  # bad samples logged by this worker
+        self.probes: dict[tuple[int, int, int], Out | None] = {}  # outputs read by random access (look-backs)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        w = 0 if info is None else info.id
-        epoch, self.epoch = self.epoch, self.epoch + 1  # the next __iter__ in this worker process is the next epoch
-        resuming = bool(self.resume) and (self.spec.mode == "resampled" or epoch == self.resume["epoch"])
-        stored = None
-        if resuming:
-            # the DataLoader's round-robin starts at worker 0 while the saved run's next batch belongs to worker
-            # k % W: rotate the roles so the resumed order is the uninterrupted one
-            w = (w + self.resume.get("shift", 0)) % self.slots
-            stored = (self.resume.get("counters") or [None] * self.slots)[w]
-        self.counters = Counters(**stored) if stored else Counters()  # per epoch; the main process sums them
-        skip = (self.resume.get("skip_raw") or [0] * self.slots)[w] if resuming else 0
-        buffer = (self.resume.get("buffers") or [None] * self.slots)[w] if skip else None
-        if self.spec.mode == "resampled":
-            yield from self._resampled(w, skip, buffer)
-            return
-        if resuming:
-            segment, made = self.resume["segment"], self.resume["skip_batches"][w]
-        else:
-            segment, made = [[0, sum(self.spec.lengths)]], 0
-        yield from self._epoch(epoch, segment, w, skip, made, buffer)
+        worker, st = 0 if info is None else info.id, self.state
+        reader = Reader(self.spec.urls, self.spec.lengths, self.spec.io)
+        per_epoch = None if st.mode == "resampled" else EpochOrder(self.order, 0).batches
+        outputs: dict[tuple[int, int], Iterator[Out]] = {}
+        for epoch, batch, micro, rows in worker_plan(self.layout, self.rank, worker, st.epoch, st.batches, per_epoch):
+            outs = []
+            for _, c, j in rows:
+                if (epoch, c) not in outputs:  # the stream's first output in this epoch (or since the resume)
+                    outputs = {key: it for key, it in outputs.items() if key[0] == epoch}
+                    outputs[(epoch, c)] = self.filled(reader, epoch, c, j)
+                outs.append(next(outputs[(epoch, c)]))
+            yield self.part([epoch, batch, micro], [row for row, _, _ in rows], outs)
 
-    # ------------------------------------------------------------------------------------------- epoch mode
+    def stream(self, epoch: int, c: int) -> Stream:
+        return stream_of(self.order, self.state.mode, epoch, c)
 
-    def _epoch(
-        self, epoch: int, segment: list[list[int]], w: int, skip: int, made: int, buffer: dict | None
-    ) -> Iterator[dict]:
-        s, c = self.spec, self.counters
-        r = sum(b - a for a, b in segment)
-        n = batches_per_rank(r, s.world_size, s.batch_size, s.remainder)
-        if n == 0 and r == sum(s.lengths):
-            raise ValueError(
-                f"{r} samples are fewer than one global batch ({s.world_size} ranks x {s.batch_size}); "
-                "use a smaller batch or data.remainder=wrap"
-            )
-        quotas = worker_quotas(n, self.slots)
-        v0, v1 = slot_range(s.rank, w, n, quotas, s.batch_size)
-        if made >= quotas[w]:
-            return
-        order, offsets = epoch_offsets(s.lengths, s.seed, epoch)
-        finished, cursor = Finished(v0, v1), Cursor(v0)
-        shuffler = Shuffler(s.shuffle_buffer, random.Random(mix(s.seed, epoch, s.rank * self.slots + w)))
-        if buffer is not None:  # resume: refill the shuffle buffer by random access, read on from the cursor
-            shuffler.buf[:] = self._fetch(epoch, segment, buffer["held"], order, offsets)
-            set_rng_state(shuffler.rng, buffer["rng"])
-            shuffler.flushing, cursor.next = buffer["flushing"], buffer["cursor"]
-            finished.restore(v1 if shuffler.flushing else cursor.next, buffer["held"])  # flushing: all read
-        # The pipeline. If bad samples leave the slot short, it borrows the positions after its range (unshuffled;
-        # duplicates are rare).
-        own = self._positions(epoch, segment, cursor.next, v1, order, offsets, finished)  # the slot's range
-        borrowed = self._positions(epoch, segment, max(v1, cursor.next), v1 + r, order, offsets, finished)
-        samples = itertools.chain(shuffler(cursor.track(own)), cursor.track(borrowed))
-        samples = finished.track(samples)  # every drawn position is finished work
-        if buffer is None:
-            drawn = replay(samples, skip, c)  # resume without a saved buffer: pass over the saved draws undecoded
-        else:
-            drawn = ((skip + i, x) for i, x in enumerate(samples, 1))
-        images = augmented(drawn, s.transform, c)  # decode + augment, seeded per sample
-        for draws, batch in batched(images, s.batch_size, s.img_size, s.multilabel):
-            made += 1
-            state = {
-                "held": [x.v for x in shuffler.buf],
-                "rng": list(shuffler.rng.getstate()),
-                "flushing": shuffler.flushing,
-                "cursor": cursor.next,
-            }
-            meta = {"worker": w, "epoch": epoch, "watermark": finished.watermark(), "raw": draws, "buffer": state}
-            yield {**batch, "_meta": {**meta, **c.as_dict(), **_io()}}
-            if made >= quotas[w]:
-                return
-        raise RuntimeError(f"worker {w} of rank {s.rank} found no readable samples to fill its batches")
+    def filled(self, reader: Reader, epoch: int, c: int, k: int) -> Iterator[Out]:
+        """Outputs k, k+1, ... of canonical stream c, each bad slot holding a copy of the stream's nearest earlier
+        good output in the epoch (a resume looks back for it by random access), at the stream's start its nearest
+        later one (`order.substitute`); a stream without any good output in the epoch borrows from the next ones."""
+        stream = self.stream(epoch, c)
+        last: Out | None = None
+        known = k == 0  # whether `last` is known: after a resume, only once looked back for
+        pending: list[tuple[int, Out]] = []  # bad slots waiting for the stream's first good output
+        for j, item in enumerate(buffered(reader, stream, k), k):
+            out = self.augment(item, stream.sample_seed(j))
+            if out.bad and not known:
+                probe = self.probe(reader, epoch, c)
+                last, known = next((o for o in map(probe, range(j - 1, -1, -1)) if o), None), True
+            if not out.bad:
+                last, known = out, True
+                yield from (out._replace(bad=b.bad, lost=b.lost) for _, b in pending)
+                pending = []
+            elif last is None:
+                pending.append((j, out))
+                if len(pending) > sum(self.spec.lengths) + self.order.buffer:
+                    raise RuntimeError(f"no readable sample in an epoch's worth of stream {c} (e.g. {out.bad})")
+                continue
+            yield out if not out.bad else last._replace(bad=out.bad, lost=out.lost)
+        for j, b in pending:  # the stream has no good output in this epoch
+            yield self.borrowed(reader, epoch, c, j)._replace(bad=b.bad, lost=b.lost)
 
-    def _fetch(
-        self, epoch: int, segment: list[list[int]], held: list[int], order: list[int], offsets: list[int]
-    ) -> list[Sample]:
-        """The samples at virtual positions `held` (a saved shuffle buffer, in its order), read by random access.
+    def borrowed(self, reader: Reader, epoch: int, c: int, j: int) -> Out:
+        """The substitute of output j of a stream without good outputs: the same rule in streams c+1, c+2, ..."""
+        for step in range(1, self.order.streams):
+            other = (c + step) % self.order.streams
+            probe = self.probe(reader, epoch, other)
+            i = substitute(j, lambda i, probe=probe: probe(i) is not None, self.stream(epoch, other).outputs, 1000)
+            if i is not None:
+                return probe(i)
+        raise RuntimeError(f"no readable sample in any canonical stream of epoch {epoch}")
 
-        Remote shards with an index are read in runs of consecutive samples (only the held samples' bytes);
-        local shards and remote ones without an index are read from the first held sample to the last.
-        """
-        s, c = self.spec, self.counters
-        r = max(sum(b - a for a, b in segment), 1)
-        wanted: dict[int, dict[int, int]] = {}  # shard (epoch order) -> {index in shard: virtual position}
-        for v in held:
-            g = next(virtual_runs(segment, v, v + 1))[0]
-            k = bisect.bisect_right(offsets, g) - 1
-            wanted.setdefault(k, {})[g - offsets[k]] = v
-        got: dict[int, Sample] = {}
-        for k, at in sorted(wanted.items()):
-            url, idx = s.urls[order[k]], self.indexes.get(s.urls[order[k]])
-            runs = runs_of(sorted(at)) if idx is not None else [(min(at), max(at) + 1)]
-            for i0, i1 in runs:
-                for i, raw in shard_samples(url, i0, i1, c, s.max_bad_shards, idx, s.io):
-                    labels = labelled(raw, c) if i in at else None
-                    if labels is not None:
-                        got[at[i]] = Sample(at[i], mix(s.seed, epoch, offsets[k] + i, at[i] // r), raw, labels)
-        return [got[v] for v in held if v in got]
+    def probe(self, reader: Reader, epoch: int, c: int) -> Callable[[int], Out | None]:
+        """Output i of stream c read by random access (memoised): None when its own sample is bad."""
+        stream = self.stream(epoch, c)
 
-    def _positions(
-        self,
-        epoch: int,
-        segment: list[list[int]],
-        v0: int,
-        v1: int,
-        order: list[int],
-        offsets: list[int],
-        finished: Finished,
-    ) -> Iterator[Sample]:
-        """Samples of virtual positions [v0, v1); bad samples and positions a shard did not deliver are finished."""
-        s, c = self.spec, self.counters
-        r = max(sum(b - a for a, b in segment), 1)
-        for g0, g1, vbase in virtual_runs(segment, v0, v1):
-            k = bisect.bisect_right(offsets, g0) - 1
-            while g0 < g1:
-                while offsets[k + 1] <= g0:  # skip empty shards
-                    k += 1
-                i0, i1 = g0 - offsets[k], min(g1, offsets[k + 1]) - offsets[k]
-                seen, url = i0, s.urls[order[k]]
-                idx = self.indexes.get(url)  # remote: read exactly the range's bytes
-                for i, raw in shard_samples(url, i0, i1, c, s.max_bad_shards, idx, s.io):
-                    seen = i + 1
-                    v, pos = vbase + (offsets[k] + i - g0), offsets[k] + i
-                    labels = labelled(raw, c)
-                    if labels is None:
-                        finished.set(v)
-                    else:
-                        yield Sample(v, mix(s.seed, epoch, pos, v // r), raw, labels)
-                finished.set_range(vbase + offsets[k] + seen - g0, vbase + offsets[k] + i1 - g0)  # not delivered
-                vbase += offsets[k] + i1 - g0
-                g0 = offsets[k] + i1
-                k += 1
+        def out(i: int) -> Out | None:
+            if (epoch, c, i) not in self.probes:
+                u = stream.shuffle.emitted(i)
+                got = self.augment(reader.fetch({u: stream.where(u)})[u], stream.sample_seed(i))
+                self.probes[(epoch, c, i)] = None if got.bad else got
+            return self.probes[(epoch, c, i)]
 
-    # ------------------------------------------------------------------------------------------- resampled
+        return out
 
-    def _resampled(self, w: int, skip: int, buffer: dict | None) -> Iterator[dict]:
-        s, c = self.spec, self.counters
-        reseed = int(self.resume.get("reseed", 0))
-        source = ShardDraws(s, c, self.indexes, (s.seed, s.rank, w, reseed))  # whole shards, with replacement
-        shuffler = Shuffler(s.shuffle_buffer, random.Random(mix(s.seed, s.rank, w, reseed, 1)))
-        if buffer is not None:  # resume: refill the shuffle buffer by random access, read on where the source stood
-            shuffler.buf[:] = source.fetch(buffer["held"])
-            set_rng_state(shuffler.rng, buffer["rng"])
-            source.restore(buffer["source"])
-        # The pipeline: as in epoch mode, with whole shards drawn with replacement as the source.
-        samples = shuffler(iter(source))
-        if buffer is None:
-            drawn = replay(samples, skip, c)  # resume without a saved buffer: pass over the saved draws undecoded
-        else:
-            drawn = ((skip + i, x) for i, x in enumerate(samples, 1))
-        images = augmented(drawn, s.transform, c)  # decode + augment, seeded per sample
-        for draws, batch in batched(images, s.batch_size, s.img_size, s.multilabel):
-            state = {"held": [list(x.v) for x in shuffler.buf], "rng": list(shuffler.rng.getstate())}
-            state["source"] = source.state()
-            meta = {"worker": w, "epoch": 0, "watermark": 0, "raw": draws, "buffer": state}
-            yield {**batch, "_meta": {**meta, **c.as_dict(), **_io()}}
+    def augment(self, item: Item, seed: int) -> Out:
+        """The sample decoded and transformed with the slot's seed; a bad one says why (the skip rule:
+        `reader.skip_reason`)."""
+        if item.raw is None:
+            return Out(None, [], "", item.why, item.shard if item.lost else -1)
+        try:
+            return Out(self.spec.transform(image_bytes(item.raw)[0], random.Random(seed)), item.labels, item.raw.key)
+        except Exception as e:  # noqa: BLE001 - the skip rule: see skip_reason
+            return Out(None, [], "", skip_reason(item.raw.key, e))
+
+    def part(self, at: list[int], rows: list[int], outs: list[Out]) -> dict:
+        """A worker's rows of one micro-batch: images (uint8, channels-last), labels, keys, where they go, the bad
+        data they met and this process's remote-read totals."""
+        images, jpegs = image_batch(len(outs), self.spec.img_size), []
+        for n, o in enumerate(outs):
+            if isinstance(o.image, JpegCrop):  # data.decode=gpu: decoded by the main process
+                images[n] = 0
+                jpegs.append((n, o.image))
+            else:
+                images[n] = o.image
+            if o.bad and o.lost < 0:
+                self.logged += 1
+                if self.logged <= 20 or self.logged % 1000 == 0:
+                    log.warning("skipping bad sample: %s (%d so far in this worker)", o.bad, self.logged)
+        return {
+            "at": at,
+            "rows": rows,
+            "image": images,
+            "label": [o.labels for o in outs],
+            "key": [o.key for o in outs],
+            "jpeg": pack_jpegs(jpegs) if jpegs else None,
+            "bad_samples": sum(1 for o in outs if o.bad and o.lost < 0),
+            "bad_shards": sorted({o.lost for o in outs if o.lost >= 0}),
+            "io": [IO_STATS.retries, IO_STATS.bytes_read],
+        }
 
 
-def _io() -> dict:
-    """This process's remote-read totals (cumulative), reported with every batch."""
-    return {"io_retries": IO_STATS.retries, "io_bytes": IO_STATS.bytes_read}
+def buffered(reader: Reader, stream: Stream, k: int) -> Iterator[Item | None]:
+    """The items stream outputs k, k+1, ... emit: the buffer's holdings after k outputs (`SlotShuffle.held`)
+    fetched by random access, then the stream's inputs read in order (sequential runs)."""
+    sh = stream.shuffle
+    held = sh.held(k).tolist()
+    got = reader.fetch({u: stream.where(u) for u in held if u >= 0})
+    first = sh.n + (k if sh.steps is None else min(k, sh.steps))
+    end = sh.length if sh.length is not None else 1 << 62
+    inputs = (item for shard, i0, i1, _ in stream.runs(first, end) for _, item in reader.run(shard, i0, i1))
+    return iter(ShuffleBuffer(sh, k, [got.get(u) for u in held], inputs, stream.outputs))

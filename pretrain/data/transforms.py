@@ -85,9 +85,10 @@ def _decode_for_crop(data: bytes, w: int, h: int, box: tuple[float, float, float
 
 
 class TrainTransform:
-    """Raw image bytes -> augmented uint8 (3, S, S): random resized crop, flip, optional RandAugment."""
+    """Raw image bytes -> augmented uint8 (3, S, S): random resized crop, flip, optional RandAugment (ra_ops > 0);
+    the settings are `DataConfig`'s (crop_scale_min, hflip, randaugment_ops, randaugment_magnitude)."""
 
-    def __init__(self, img_size: int, scale_min: float = 0.08, hflip: bool = True, ra_ops: int = 0, ra_mag: int = 10):
+    def __init__(self, img_size: int, scale_min: float, hflip: bool, ra_ops: int = 0, ra_mag: int = 0):
         self.size, self.scale, self.hflip = img_size, (scale_min, 1.0), hflip
         self.randaugment = v2.RandAugment(num_ops=ra_ops, magnitude=ra_mag) if ra_ops > 0 else None
 
@@ -116,9 +117,10 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Raw image bytes -> uint8 (3, S, S): shorter side resized to S / crop_pct, centre crop S (one crop-resize)."""
+    """Raw image bytes -> uint8 (3, S, S): shorter side resized to S / crop_pct, centre crop S (one crop-resize);
+    crop_pct is `DataConfig.eval_crop_pct`."""
 
-    def __init__(self, img_size: int, crop_pct: float = 0.875):
+    def __init__(self, img_size: int, crop_pct: float):
         self.size, self.crop_pct = img_size, crop_pct
 
     def __call__(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:

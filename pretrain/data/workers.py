@@ -6,12 +6,19 @@ exit handler for multiprocessing ends daemonic children with SIGTERM and then jo
 worker forever (a script that takes a batch and returns would never end). So a loader stops its own workers:
 `close()`, after an error, and at the program's exit at the latest (`running` registers that); a worker still alive
 then is killed.
+
+Workers start from a fork server (`start_server`), a small process started before the model exists: forked from the
+rank instead, they would keep (and copy-on-write duplicate) pages of the model and its optimizer states, tens of GB
+on a large run. The server and its workers ignore stop signals from their start.
 """
 
 from __future__ import annotations
 
 import atexit
+import multiprocessing
+import multiprocessing.forkserver
 import multiprocessing.util  # noqa: F401 - its exit handler is registered at import, before ours: ours runs first
+import os
 import signal
 import weakref
 from typing import Protocol
@@ -44,9 +51,33 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+def start_server() -> None:
+    """Start this process's fork server now, if it is not running (the Trainer calls it before building the model).
+
+    Its workers share nothing of the model: the server is a fresh interpreter that imports the stream's modules
+    once (its workers share those pages). It is started with the stop signals blocked, which it and its workers
+    keep: a SIGTERM that SLURM sends every process of the step cannot end it, and the rank gets its own signals
+    once they are unblocked.
+    """
+    multiprocessing.set_forkserver_preload(["pretrain.data"])
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def server_pids() -> list[int]:
+    """The fork server's process id (if running): its memory counts with the workers'."""
+    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    return [pid] if pid and os.path.exists(f"/proc/{pid}") else []
+
+
 def make_dataloader(ds, num_workers: int, pin_memory: bool | None, prefetch: int) -> DataLoader:
-    """The DataLoader of a stream whose workers yield whole batches (persistent, stop signals ignored)."""
+    """The DataLoader of a stream whose workers yield whole batches (from the fork server, stop signals ignored)."""
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    if num_workers:
+        start_server()
     return DataLoader(
         ds,
         batch_size=None,  # workers yield whole batches
@@ -55,6 +86,7 @@ def make_dataloader(ds, num_workers: int, pin_memory: bool | None, prefetch: int
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch if num_workers > 0 else None,
         worker_init_fn=ignore_stop_signals,
+        multiprocessing_context="forkserver" if num_workers else None,
         # Without a generator of its own, every iter() draws its worker base seed from torch's global RNG: a resumed
         # run would then draw at another point than the uninterrupted one, and its dropout masks would differ.
         # Our workers seed every random choice themselves, so a fixed base seed changes no batch.
@@ -100,3 +132,16 @@ def _kill(workers: list) -> None:
         if w.is_alive():
             w.kill()
             w.join(timeout=_JOIN_S)
+
+
+def pss_gib(pids: list[int]) -> float:
+    """Proportional set size of these processes, summed, in GiB (pages shared with other processes count in
+    part); 0 for a process that has ended or where /proc is missing."""
+    kib = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                kib += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            continue
+    return kib / 2**20

@@ -7,7 +7,10 @@ leaves the previous complete tag as the one that resume (and `pretrain.export`) 
 The client state DeepSpeed stores with its files holds the run's parts keyed by name, under one key of its own
 (`PARTS`, so that no part name can meet one of DeepSpeed's keys): `{"parts": {name: part.state_dict()}}`. A part
 whose state differs per rank (`per_rank`) is saved as the list of every rank's state, gathered in `gather_parts`:
-the one collective a save runs besides DeepSpeed's own. Checkpoints written before this layout (one flat namespace
+the one collective a save runs besides DeepSpeed's own; a part that can `merge` that list (the input stream: its
+position is the same on every rank, only its bad-data counts differ) is saved as the merged record, once. The
+stream's record is also written into `pretrain_meta.json`, so that a resume can refuse a world size the stream
+cannot serve before any collective. Checkpoints written before this layout (one flat namespace
 of every part's keys) still resume: `client_parts` reads both.
 """
 
@@ -114,7 +117,8 @@ def run_meta(cfg: Config, world_size: int, model_args: Any, class_names: list[st
 
 
 def gather_parts(parts: Mapping[str, Stateful]) -> dict[str, Any]:
-    """{name: state} of every part; a `per_rank` part's state is the list of every rank's, in rank order.
+    """{name: state} of every part; a `per_rank` part's state is the list of every rank's, in rank order (or its
+    `merge` of that list, when the part has one).
 
     A collective (every rank calls it): the one all-gather of a save, for every per-rank part at once. No part's
     `state_dict()` runs a collective itself.
@@ -122,7 +126,8 @@ def gather_parts(parts: Mapping[str, Stateful]) -> dict[str, Any]:
     local = {name: part.state_dict() for name, part in parts.items()}
     per_rank = [name for name, part in parts.items() if part.per_rank]
     every_rank = gather({name: local[name] for name in per_rank})
-    return {name: [r[name] for r in every_rank] if name in per_rank else state for name, state in local.items()}
+    out = {name: [r[name] for r in every_rank] if name in per_rank else state for name, state in local.items()}
+    return {name: parts[name].merge(state) if hasattr(parts[name], "merge") else state for name, state in out.items()}
 
 
 def client_parts(client: Mapping[str, Any]) -> dict[str, Any]:
@@ -204,8 +209,9 @@ class Checkpointer:
         rank, tag = dist.get_rank(), tag_for(step)
         if rank == 0 and (self.dir / tag).exists():
             shutil.rmtree(self.dir / tag)  # leftovers of a save that crashed half-way
+        states = gather_parts(parts)  # the parts' collectives, all here
         client = {
-            PARTS: gather_parts(parts),  # the parts' collectives, all here
+            PARTS: states,
             # lets `ds_to_universal` (vit-universal) convert this checkpoint for another world size
             UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
         }
@@ -223,7 +229,8 @@ class Checkpointer:
         faults.kill_rank0_if("save", step)
         dist.barrier()  # every rank's shard is on disk before the tag is marked complete
         if rank == 0:
-            write_meta(self.dir, tag, {"step": step, "samples_seen": samples_seen, **self.run_meta})
+            meta = {"step": step, "samples_seen": samples_seen, **self.run_meta, "stream": states.get("stream")}
+            write_meta(self.dir, tag, meta)
             prune(self.dir, self.section.keep_last, self.section.keep_every)
         dist.barrier()
         self.last_save = time.monotonic()

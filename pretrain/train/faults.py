@@ -5,16 +5,21 @@ PRETRAIN_FAULT=save:4    SIGKILL rank 0 in the middle of the save at step 4 (aft
 PRETRAIN_FAULT=step:5    SIGKILL rank 0 after step 5
 PRETRAIN_FAULT=nan:3     make step 3's loss NaN on every rank ("nan:all": every step's)
 PRETRAIN_FAULT=diskfull:6  the last rank's writes fail with ENOSPC during the save at step 6 (after rank 0's)
+
+Beside them, for the elastic-resume tests: PRETRAIN_KEY_LOG=FOLDER appends the sample keys of every micro-batch a
+rank trains on to FOLDER/keys-RANK.jsonl (`logged_keys`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -46,3 +51,18 @@ def disk_full_if(step: int) -> Iterator[None]:
 
     with mock.patch.object(torch, "save", full):
         yield
+
+
+def logged_keys(batches: Iterator[dict], rank: int) -> Iterator[dict]:
+    """The micro-batches unchanged; with `PRETRAIN_KEY_LOG` set, each one's keys appended to its file as it is taken."""
+    folder = os.environ.get("PRETRAIN_KEY_LOG")
+    if not folder:
+        return batches
+
+    def logged() -> Iterator[dict]:
+        with open(Path(folder) / f"keys-{rank}.jsonl", "a", buffering=1) as f:
+            for batch in batches:
+                f.write(json.dumps(batch["key"]) + "\n")
+                yield batch
+
+    return logged()

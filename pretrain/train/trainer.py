@@ -4,7 +4,8 @@ Each rank streams its own shards (`pretrain.data`), trains the ViT (`pretrain.mo
 (`Engine`), and writes crash-safe checkpoints it resumes from bit for bit (`Checkpointer`). The parts:
 
     Engine        model + DeepSpeed (ZeRO, optimizer, LR schedule), loss, the training step
-    TrainLoader   this rank's input stream (checkpointed as every rank's position: `PerRank`)
+    TrainLoader   this rank's share of the one global sample order (checkpointed once: its position, the same on
+                  every rank, with the ranks' bad-data counts merged)
     TrainState    step and sample counters, non-finite steps
     RankRNG       this rank's random generators (seeded once: `set_determinism`)
     Checkpointer  save, prune, resume
@@ -23,14 +24,16 @@ from typing import Any
 
 import torch
 
-from pretrain.checkpoint_format import tag_for
+from pretrain.checkpoint_format import read_meta, tag_for
 from pretrain.config import BatchPlan, Config, ConfigError, DataConfig, ModelConfig, TrainConfig, head_size, save_config
-from pretrain.data import EvalLoader, TrainLoader, build_eval_loader, build_train_loader, resolve_shards
+from pretrain.data import EvalLoader, StreamState, TrainLoader, build_eval_loader, build_train_loader, resolve_shards
+from pretrain.data.assign import Layout
 from pretrain.data.gpu_decode import require_cuda
+from pretrain.data.workers import start_server
 from pretrain.models.vit import ViTArgs, resolve_args, train_flops_per_image
 from pretrain.train import faults
 from pretrain.train.checkpointer import Checkpointer, check_resumable, is_universal, resolve_resume, run_meta
-from pretrain.train.distributed import PerRank, Stateful, init_distributed
+from pretrain.train.distributed import Stateful, init_distributed
 from pretrain.train.engine import Engine
 from pretrain.train.evaluate import Evaluator
 from pretrain.train.metrics import Metrics
@@ -54,6 +57,15 @@ def preflight(data: DataConfig, model: ModelConfig) -> tuple[int, list[str]]:
     names = shards.class_names
     num_classes = head_size(model, shards.num_classes, names)
     return num_classes, names or [str(i) for i in range(num_classes)]
+
+
+def check_stream_layout(meta: dict, data: DataConfig, plan: BatchPlan) -> None:
+    """Refuse, before any collective, to resume a stream on a world size that cannot share its canonical streams
+    (one line naming the valid ones). Checkpoints from before the stream state was in `pretrain_meta.json` skip
+    this (the loader checks again when it loads the state)."""
+    if meta.get("stream"):
+        streams = StreamState.from_dict(meta["stream"]).streams
+        Layout(streams, plan.global_batch, plan.world_size, data.num_workers, plan.accum_steps)
 
 
 def model_args(model: ModelConfig, num_classes: int) -> ViTArgs:
@@ -82,6 +94,7 @@ def build_loaders(
         batch_size=plan.micro_batch,
         rank=rank,
         world_size=world,
+        accum_steps=plan.accum_steps,
         seed=seed,
         multilabel=multilabel,
         device=device,
@@ -111,13 +124,15 @@ class Trainer:
     @property
     def parts(self) -> dict[str, Stateful]:
         """What the checkpoint holds besides the engine's own files, by name, in save and load order."""
-        return {"state": self.state, "rng": self.rng, "stream": PerRank(self.loader)}
+        return {"state": self.state, "rng": self.rng, "stream": self.loader}
 
     @classmethod
     def build(cls, cfg: Config) -> Trainer:
         """Check the run, join the process group and build every part, in the order the seeds are consumed."""
         stop = StopRequest()
         stop.install()  # a signal during the build is acted on after the first step
+        if cfg.data.num_workers:
+            start_server()  # the loaders' workers fork from this small process, not from a rank holding the model
         num_classes, class_names = preflight(cfg.data, cfg.model)
         world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by every launcher; 1 for a plain python run
         plan = BatchPlan.of(cfg.train, world_size)  # an impossible split is refused before joining the process group
@@ -127,6 +142,7 @@ class Trainer:
         args = model_args(cfg.model, num_classes)
         if target:
             check_resumable(target, args, world_size)
+            check_stream_layout(read_meta(target[0] / target[1]), cfg.data, plan)
 
         rank, world, device = init_distributed(cfg.train.collective_timeout_s)  # world == plan.world_size
         watchdog = Watchdog(cfg.train.collective_timeout_s, rank, world)
@@ -171,7 +187,7 @@ class Trainer:
         phase = self.watchdog.phase  # starts the clock of the next bounded phase
         phase("resume")
         self.checkpointer.resume(engine, self.parts)
-        batches = iter(self.loader)
+        batches = faults.logged_keys(iter(self.loader), self.rng.rank)
         engine.train()
         metrics.start()
         last_train, last_eval = {}, {}

@@ -15,11 +15,13 @@ Shards made elsewhere in this layout work too; this module imports nothing beyon
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
 import tarfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_tools import storage
@@ -70,10 +72,15 @@ def has_key_form(name: str) -> bool:
     return bool(stem and dot)
 
 
+def is_reserved(name: str) -> bool:
+    """True for base names starting with `__` (e.g. `__index__`): members of the tar, not of any sample."""
+    return name.rpartition("/")[2].startswith("__")
+
+
 def is_ignored(name: str) -> bool:
-    """True for members that belong to no sample: base names starting with `__` (e.g. `__index__`), and names
-    without the KEY.EXT form (webdataset skips them too)."""
-    return name.rpartition("/")[2].startswith("__") or not has_key_form(name)
+    """True for members that belong to no sample: reserved names, and names without the KEY.EXT form (webdataset
+    skips them too; `verify` reports them)."""
+    return is_reserved(name) or not has_key_form(name)
 
 
 class Grouping:
@@ -208,25 +215,21 @@ def parse_index(raw: bytes) -> list[int]:
 
 
 class IndexBuilder:
-    """The sample index of a tar read member by member (`add` each header in order, then `offsets`).
-
-    Samples are grouped as a reader groups them: regular members only, ignored (`__`) members skipped, a new sample
-    wherever the key changes. The shard writer and `verify` both build indexes with it.
-    """
+    """The sample index of a tar read member by member (`add` each header in order, then `offsets`), its samples
+    grouped by `Grouping`. `verify` checks a shard's `.idx` with it; the writer records the same offsets as it
+    writes (`data_tools.shard`)."""
 
     def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.end = 0
-        self._last: str | None = None
+        self.grouping, self.starts, self.end = Grouping(), [], 0
 
-    def add(self, member: tarfile.TarInfo) -> None:
-        """Account for the next member header of the tar."""
-        if member.isreg() and not is_ignored(member.name):
-            key = split_name(member.name)[0]
-            if key != self._last:
+    def add(self, member: tarfile.TarInfo) -> tuple[int, str] | None:
+        """Account for the next member header of the tar; returns its `Grouping.place`."""
+        placed = self.grouping.place(member.name) if member.isreg() else None
+        if placed is not None:
+            if placed[0] == len(self.starts):
                 self.starts.append(member.offset)
-                self._last = key
             self.end = member.offset_data + -(-member.size // 512) * 512
+        return placed
 
     def offsets(self) -> list[int]:
         """Where each sample starts, then where the last one ends (the index file's numbers)."""
@@ -246,41 +249,90 @@ def scan_index(fileobj) -> list[int]:
 # ----------------------------------------------------------------------------------------------- _info.json
 
 
-def split_entry(split: str, lengths: Sequence[int]) -> dict:
-    """One split of `_info.json` (timm's keys): shard i is `shard_name(split, i)` and holds `lengths[i]` samples."""
-    return {
-        "name": split,
-        "num_samples": sum(lengths),
-        "filenames": [shard_name(split, i) for i in range(len(lengths))],
-        "shard_lengths": list(lengths),
-    }
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split of `_info.json` (timm's keys), as stored: `verify` reports what does not add up, readers refuse."""
+
+    name: str
+    filenames: tuple[str, ...]
+    """Shard files, relative to the folder, in their canonical order."""
+    shard_lengths: tuple[int, ...] | None
+    """Samples per shard; None when not given (shards made elsewhere)."""
+    num_samples: int | None
+    """The split's sample count as stored (the writer's: the sum of `shard_lengths`)."""
+
+    @classmethod
+    def of(cls, split: str, lengths: Sequence[int]) -> SplitInfo:
+        """The writer's split: shard i is `shard_name(split, i)` and holds `lengths[i]` samples."""
+        names = tuple(shard_name(split, i) for i in range(len(lengths)))
+        return cls(split, names, tuple(lengths), sum(lengths))
 
 
-def make_info(name: str, class_names: Sequence[str], splits: Mapping[str, Sequence[int]], **extra: object) -> dict:
-    """An `_info.json` object: name, splits (split -> samples per shard), the class list, then `extra` keys."""
-    return {
-        "name": name,
-        "splits": {split: split_entry(split, lengths) for split, lengths in splits.items()},
-        "num_classes": len(class_names),
-        "class_names": list(class_names),
-        **extra,
-    }
+@dataclass(frozen=True)
+class DatasetInfo:
+    """`_info.json`: the splits, the class list, and the writer's own keys (`extra`: fingerprint, options, stats,
+    skipped), kept as they are."""
+
+    name: str | None
+    splits: dict[str, SplitInfo]
+    class_names: tuple[str, ...] = ()
+    """Index = label; empty when unknown (shards made elsewhere)."""
+    stored_num_classes: int | None = None
+    """`num_classes` as stored (None when absent)."""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int | None:
+        """The class count: as stored, else the length of the class list, else None."""
+        return self.stored_num_classes if self.stored_num_classes is not None else (len(self.class_names) or None)
+
+    def split(self, name: str, where: str) -> SplitInfo:
+        """Split `name`, or FormatError naming the ones there are (`where`: the folder, for the message)."""
+        if name not in self.splits:
+            have = ", ".join(sorted(self.splits)) or "none"
+            raise FormatError(f"{where}/{INFO} has no split {name!r} (it has: {have}); set data.train_split/val_split")
+        return self.splits[name]
+
+    def to_dict(self) -> dict:
+        splits = {k: dataclasses.asdict(v) for k, v in self.splits.items()}
+        core = {"name": self.name, "splits": splits, "num_classes": self.num_classes, "class_names": self.class_names}
+        return json.loads(json.dumps({**core, **self.extra}))  # tuples as lists
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> DatasetInfo:
+        """The description a parsed `_info.json` holds; FormatError when it is not one (names `where`)."""
+        if not isinstance(d, dict) or not isinstance(d.get("splits", {}), dict):
+            raise FormatError(f"'{where}' is not a dataset description (no splits object); re-run `data_tools shard`")
+        try:
+            splits = {
+                k: SplitInfo(
+                    s.get("name", k),
+                    tuple(s["filenames"]),
+                    None if s.get("shard_lengths") is None else tuple(int(n) for n in s["shard_lengths"]),
+                    s.get("num_samples"),
+                )
+                for k, s in d.get("splits", {}).items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FormatError(f"'{where}': a split lacks its filenames or has bad shard_lengths ({e!r})") from None
+        extra = {k: v for k, v in d.items() if k not in ("name", "splits", "num_classes", "class_names")}
+        names = tuple(str(n) for n in d.get("class_names") or ())
+        return cls(d.get("name"), splits, names, d.get("num_classes"), extra)
 
 
-def info_classes(info: dict) -> tuple[list[str], int | None]:
-    """(class names, number of classes) of an `_info.json`; names may be absent (shards made elsewhere): [].
+def make_info(
+    name: str, class_names: Sequence[str], splits: Mapping[str, Sequence[int]], **extra: object
+) -> DatasetInfo:
+    """The writer's `_info.json`: name, splits (split -> samples per shard), the class list, then `extra` keys."""
+    parts = {split: SplitInfo.of(split, lengths) for split, lengths in splits.items()}
+    return DatasetInfo(name, parts, tuple(class_names), len(class_names), dict(extra))
 
-    `num_classes` falls back to the length of the class list, and is None when neither is given.
-    """
-    names = list(info.get("class_names") or [])
-    return names, info.get("num_classes", len(names) or None)
 
-
-def read_info(folder: str | os.PathLike) -> dict:
+def read_info(folder: str | os.PathLike) -> DatasetInfo:
     """Read `folder/_info.json` (a local folder, or an http(s):// / s3:// folder URL).
 
     Raises:
-        FormatError: the file is missing or unreadable, is not JSON, or is not a JSON object with a `splits` object.
+        FormatError: the file is missing or unreadable, is not JSON, or is not a dataset description.
     """
     if storage.is_remote(str(folder)):
         url = storage.join(str(folder), INFO)
@@ -299,19 +351,17 @@ def read_info(folder: str | os.PathLike) -> dict:
         raise FormatError(f"'{path}' cannot be read ({e})") from e
 
 
-def parse_info(raw: bytes, where: str) -> dict:
+def parse_info(raw: bytes, where: str) -> DatasetInfo:
     """An `_info.json` from its bytes (`where` names it in errors: a path or URL).
 
     Raises:
-        FormatError: not JSON, or not a JSON object with a `splits` object.
+        FormatError: not JSON, or not a dataset description.
     """
     try:
         info = json.loads(raw)
     except ValueError as e:
         raise FormatError(f"'{where}' is not valid JSON ({e}); re-run `data_tools shard` to rewrite it") from e
-    if not isinstance(info, dict) or not isinstance(info.get("splits", {}), dict):
-        raise FormatError(f"'{where}' is not a dataset description (no splits object); re-run `data_tools shard`")
-    return info
+    return DatasetInfo.from_dict(info, where)
 
 
 def write_json(path: str | os.PathLike, obj: dict) -> None:
@@ -319,17 +369,16 @@ def write_json(path: str | os.PathLike, obj: dict) -> None:
     atomic_write(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def write_info(folder: str | os.PathLike, info: dict) -> None:
+def write_info(folder: str | os.PathLike, info: DatasetInfo) -> None:
     """Write `folder/_info.json` atomically: a reader never sees a half-written description."""
-    write_json(Path(folder) / INFO, info)
+    write_json(Path(folder) / INFO, info.to_dict())
 
 
 def publish(folder: str | os.PathLike, url: str) -> None:
     """Upload a finished shard folder to `url` (`shard --out s3://`): every shard and index `_info.json` lists, then
     `_info.json` last, so a reader of the URL never finds a description whose shards are not all there."""
-    info = read_info(folder)
-    for s in info.get("splits", {}).values():
-        for name in s["filenames"]:
+    for split in read_info(folder).splits.values():
+        for name in split.filenames:
             for f in (name, index_name(name)):
                 if (Path(folder) / f).is_file():
                     storage.write_bytes(storage.join(url, f), (Path(folder) / f).read_bytes())

@@ -20,16 +20,16 @@ def describe(out: str | os.PathLike) -> dict:
     """
     out = str(out) if storage.is_remote(str(out)) else Path(out)
     info = fmt.read_info(out)
-    stats = info.get("stats", {})
+    stats = info.extra.get("stats", {})
     splits = {}
-    for split, s in info.get("splits", {}).items():
-        files = s["filenames"]
+    for split, s in info.splits.items():
+        files = list(s.filenames)
         sizes = {f: _size(out, f) for f in files}
-        lengths = s.get("shard_lengths") or []
+        lengths = s.shard_lengths or []
         st = stats.get(split, {})
         counts = [c for c in st.get("class_counts", []) if c]
         splits[split] = {
-            "samples": s.get("num_samples"),
+            "samples": s.num_samples,
             "shards": len(files),
             "bytes": sum(n for n in sizes.values() if n is not None),
             "missing_files": [f for f in files if sizes[f] is None],
@@ -42,11 +42,11 @@ def describe(out: str | os.PathLike) -> dict:
         }
     return {
         "out": str(out),
-        "name": info.get("name"),
-        "num_classes": info.get("num_classes"),
-        "class_names": info.get("class_names") or [],
-        "options": info.get("options"),
-        "skipped": info.get("skipped"),
+        "name": info.name,
+        "num_classes": info.num_classes,
+        "class_names": list(info.class_names),
+        "options": info.extra.get("options"),
+        "skipped": info.extra.get("skipped"),
         "splits": splits,
     }
 

@@ -125,7 +125,8 @@ def shard(
         image = ImageOptions(resize_shorter=resize_shorter, quality=quality)
         options = _run_options(image, seed, samples_per_shard, max_shard_bytes, val_per_class, val_fraction)
         fingerprint = _fingerprint(catalog, options)
-        finished = layout.check_out_folder(out, fingerprint)
+        existing = layout.check_out_folder(out, fingerprint)
+        finished = None if existing is None else fmt.DatasetInfo.from_dict(existing, str(out / fmt.INFO))
         if finished is not None and all_shards_exist(out, finished):
             return summarize(out, finished, written=0, reused=shard_count(finished), images=0, seconds=0.0)
 
@@ -317,6 +318,7 @@ def _write_shard(task: ShardTask) -> dict:
     hist_orig = [0] * (len(SIZE_EDGES) + 1)
     hist_stored = [0] * (len(SIZE_EDGES) + 1)
     skipped: list[list[str]] = []
+    starts: list[int] = []  # the sample index, recorded as the samples are written
     with open(ctx.catalog, "rb") as cat, atomic_path(ctx.out / name) as tmp:
         # mtime=0 and fixed user/group/mode: the tar bytes depend only on the samples.
         with open(tmp, "wb") as f, TarWriter(f, encoder=False, mtime=0) as tw:
@@ -342,12 +344,14 @@ def _write_shard(task: ShardTask) -> dict:
                     fmt.LABEL_EXT: fmt.cls_bytes(rec.label),
                     fmt.META_EXT: fmt.json_bytes(meta),
                 }
+                starts.append(tw.tarstream.offset)  # where the sample's first header goes
                 tw.write(sample)
                 counts[rec.label] = counts.get(rec.label, 0) + 1
                 hist_orig[size_bucket(min(enc.width, enc.height))] += 1
                 hist_stored[size_bucket(enc.stored_shorter)] += 1
-        with open(tmp, "rb") as f:  # the sample index, for random access (resume) over ranged reads
-            atomic_write(ctx.out / fmt.index_name(name), fmt.index_bytes(fmt.scan_index(f)))
+            end = tw.tarstream.offset  # the end of the last sample (before the tar's closing blocks)
+        # the sample index, for random access (resume) over ranged reads
+        atomic_write(ctx.out / fmt.index_name(name), fmt.index_bytes([*starts, end]))
     marker = {
         "split": task.split,
         "index": task.index,

@@ -12,7 +12,7 @@ from data_tools import layout
 from data_tools.sources import Catalog
 
 
-def assemble_info(name: str, fingerprint: str, options: dict, catalog: Catalog, markers: dict) -> dict:
+def assemble_info(name: str, fingerprint: str, options: dict, catalog: Catalog, markers: dict) -> fmt.DatasetInfo:
     """`_info.json`: timm's split layout plus the class list, options and statistics."""
     stats = {}
     for split, ms in markers.items():
@@ -37,33 +37,33 @@ def assemble_info(name: str, fingerprint: str, options: dict, catalog: Catalog, 
     )
 
 
-def shard_count(info: dict) -> int:
+def shard_count(info: fmt.DatasetInfo) -> int:
     """Shards over all splits of an `_info.json`."""
-    return sum(len(s["filenames"]) for s in info["splits"].values())
+    return sum(len(s.filenames) for s in info.splits.values())
 
 
-def all_shards_exist(out: Path, info: dict) -> bool:
+def all_shards_exist(out: Path, info: fmt.DatasetInfo) -> bool:
     """True when every shard an `_info.json` lists is a file in OUT."""
-    return all((out / f).is_file() for s in info["splits"].values() for f in s["filenames"])
+    return all((out / f).is_file() for s in info.splits.values() for f in s.filenames)
 
 
-def summarize(out: Path, info: dict, *, written: int, reused: int, images: int, seconds: float) -> dict:
+def summarize(out: Path, info: fmt.DatasetInfo, *, written: int, reused: int, images: int, seconds: float) -> dict:
     """The summary `shard` returns and prints, from a finished `_info.json`; `images` were processed in `seconds`."""
     splits = {}
-    for split, s in info["splits"].items():
+    for split, s in info.splits.items():
         splits[split] = {
-            "samples": s["num_samples"],
-            "shards": len(s["filenames"]),
-            "bytes": info.get("stats", {}).get(split, {}).get("bytes")
-            or sum((out / f).stat().st_size for f in s["filenames"]),
-            "pattern": fmt.brace_pattern(split, len(s["filenames"])),
+            "samples": s.num_samples,
+            "shards": len(s.filenames),
+            "bytes": info.extra.get("stats", {}).get(split, {}).get("bytes")
+            or sum((out / f).stat().st_size for f in s.filenames),
+            "pattern": fmt.brace_pattern(split, len(s.filenames)),
         }
     return {
         "out": str(out),
-        "name": info.get("name"),
-        "num_classes": info.get("num_classes"),
+        "name": info.name,
+        "num_classes": info.num_classes,
         "splits": splits,
-        "skipped": info.get("skipped", 0),
+        "skipped": info.extra.get("skipped", 0),
         "written_shards": written,
         "reused_shards": reused,
         "seconds": round(seconds, 3),

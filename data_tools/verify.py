@@ -65,23 +65,23 @@ def verify(
     remote = storage.is_remote(str(out))
     out = str(out).rstrip("/") if remote else Path(out)
     info = fmt.read_info(out)
-    names, info_count = fmt.info_classes(info)
-    limit = num_classes if num_classes is not None else (int(info_count) if info_count else None)
-    ctx = _Context(out, limit, tuple(names) if names else None)
+    names, info_count = info.class_names, info.num_classes
+    limit = num_classes if num_classes is not None else info_count
+    ctx = _Context(out, limit, names or None)
     problems: list[str] = []
     if names and info_count and len(names) != info_count:
         problems.append(f"{fmt.INFO}: num_classes is {info_count} but class_names lists {len(names)}")
 
     tasks, listed = [], set()
-    for split, s in info.get("splits", {}).items():
-        lengths = list(s.get("shard_lengths") or [None] * len(s["filenames"]))
-        if len(lengths) != len(s["filenames"]):
-            problems.append(f"{fmt.INFO}: split {split} lists {len(s['filenames'])} files but {len(lengths)} lengths")
-            lengths = [None] * len(s["filenames"])
-        if sum(x or 0 for x in lengths) != s.get("num_samples") and None not in lengths:
-            problems.append(f"{fmt.INFO}: split {split} num_samples {s.get('num_samples')} != sum of shard_lengths")
-        tasks += [(f, n) for f, n in zip(s["filenames"], lengths, strict=True)]
-        listed.update(s["filenames"])
+    for split, s in info.splits.items():
+        lengths = list(s.shard_lengths or [None] * len(s.filenames))
+        if len(lengths) != len(s.filenames):
+            problems.append(f"{fmt.INFO}: split {split} lists {len(s.filenames)} files but {len(lengths)} lengths")
+            lengths = [None] * len(s.filenames)
+        if sum(x or 0 for x in lengths) != s.num_samples and None not in lengths:
+            problems.append(f"{fmt.INFO}: split {split} num_samples {s.num_samples} != sum of shard_lengths")
+        tasks += [(f, n) for f, n in zip(s.filenames, lengths, strict=True)]
+        listed.update(s.filenames)
     for f in [] if remote else sorted(os.listdir(out)):  # object stores are not listed
         if f.endswith(".tar") and f not in listed:
             problems.append(f"{f}: shard file not listed in {fmt.INFO}")
@@ -142,27 +142,25 @@ def _verify_shard(task: tuple[str, int | None]) -> dict:
         missing = [f"{filename}: missing"]
         empty = np.zeros(0, np.int64)
         return {"file": filename, "count": 0, "problems": missing, "key_hashes": empty, "index": False, "labels": []}
-    index, read_whole = fmt.IndexBuilder(), False
+    index, read_whole = fmt.IndexBuilder(), False  # it groups the members into samples as the stream does
     seen: list[int] = []  # the lowest and highest label of the shard
     try:
         with storage.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tf:
             sample: dict[str, bytes] = {}
-            key = None
+            at, key = None, ""
             for member in tf:
-                index.add(member)
-                if not member.isfile() or fmt.is_ignored(member.name):
-                    continue
-                if not fmt.has_key_form(member.name):
+                placed = index.add(member)
+                if placed is None and member.isfile() and not fmt.is_reserved(member.name):
                     problems.append(f"{filename}: {member.name}: member name has no KEY.EXT form")
+                if placed is None:
                     continue
-                name_key, ext = fmt.split_name(member.name)
-                if name_key != key:
-                    if key is not None:
+                if placed[0] != at:  # the member starts the next sample
+                    if at is not None:
                         problems += _check_sample(filename, key, sample, seen)
                         keys.append(key)
-                    key, sample = name_key, {}
-                sample[ext] = tf.extractfile(member).read()
-            if key is not None:
+                    at, key, sample = placed[0], index.grouping.key, {}
+                sample[placed[1]] = tf.extractfile(member).read()
+            if at is not None:
                 problems += _check_sample(filename, key, sample, seen)
                 keys.append(key)
         read_whole = True

@@ -74,8 +74,7 @@ def mean_sample_kb(shards: Path) -> float:
     """Mean bytes per sample of a shard folder: the tar files' total size over the samples `_info.json` counts."""
     from data_tools.format import read_info
 
-    info = read_info(shards)
-    samples = sum(s["num_samples"] for s in info["splits"].values())
+    samples = sum(s.num_samples or 0 for s in read_info(shards).splits.values())
     size = sum(p.stat().st_size for p in shards.glob("*.tar"))
     if not samples or not size:
         raise PlanError(f"{shards} holds no samples or no .tar files; pass --sample-kb instead")

@@ -86,7 +86,7 @@ def test_the_writer_keeps_or_reencodes_every_good_file_and_names_every_bad_one(w
         for name, reason in reasons.items():
             assert BAD[name][1] in reason and "<_io" not in reason, (mode, name, reason)
         stored = {}  # file -> member extension
-        for shard_file in fmt.read_info(out)["splits"]["train"]["filenames"]:
+        for shard_file in fmt.read_info(out).splits["train"].filenames:
             for _, raw in read_shard(str(out / shard_file)):
                 name = Path(json.loads(raw.members["json"])["path"]).name
                 ext = stored[name] = fmt.image_ext(raw.members)

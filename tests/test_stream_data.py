@@ -278,3 +278,36 @@ def test_tar_reader_plain_gzip_long_names_and_garbage(bad_shards, tmp_path):
     (tmp_path / "junk.tar").write_bytes(bytes(range(256)) * 8)
     with pytest.raises(BadShard, match="not a tar"):
         list(read_shard(str(tmp_path / "junk.tar")))
+
+
+def test_one_grouping_rule_for_the_stream_the_counter_the_index_and_verify(tmp_path):
+    """Members without the KEY.EXT form and reserved `__` members belong to no sample, for every reader."""
+    import tarfile
+
+    from data_tools import format as fmt
+    from pretrain.data import count_samples
+
+    path = tmp_path / "train-000000.tar"
+    members = ["a.jpg", "a.cls", "README", "__index__.json", "b.cls", "b.pyd", "sub/c.seg.png", "sub/c.cls", "d.cls"]
+    with tarfile.open(path, "w") as tar:
+        for name in members:
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"3"))
+    expected = ["a", "b", "sub/c", "d"]
+    assert [raw.key for _, raw in read_shard(str(path))] == expected
+    assert count_samples(str(path)) == len(expected)
+    with open(path, "rb") as f:
+        assert len(fmt.scan_index(f)) == len(expected) + 1
+    grouping = fmt.Grouping()
+    assert [grouping.place(m) for m in members] == [
+        (0, "jpg"),
+        (0, "cls"),
+        None,
+        None,
+        (1, "cls"),
+        (1, "pyd"),
+        (2, "seg.png"),
+        (2, "cls"),
+        (3, "cls"),
+    ]

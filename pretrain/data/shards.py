@@ -1,10 +1,10 @@
 """Shard lists: a brace pattern / URL list, a folder of `.tar` files, or a folder with `_info.json` (local, or an
 http(s):// / s3:// URL of a folder holding `_info.json`).
 
-Epoch mode needs the number of samples in every shard (so every rank can be given the same number of batches
-before reading anything). `_info.json`, written by `data_tools shard`, holds them; a local folder or pattern without
-it is counted by reading the tar headers (no sample is decoded); remote shards take their counts from the `_info.json`
-at the folder URL (or next to a remote brace pattern), and without one can only be used in resampled mode.
+The training order needs the number of samples in every shard (in epoch and resampled mode, before reading
+anything). `_info.json`, written by `data_tools shard`, holds them; a local folder or pattern without it is counted
+by reading the tar headers (no sample is decoded); remote shards take their counts from the `_info.json` at the
+folder URL (or next to a remote brace pattern), and without one cannot be streamed.
 """
 
 from __future__ import annotations
@@ -39,8 +39,18 @@ class ShardList:
         """Total samples, or None when the counts are unknown."""
         return None if self.lengths is None else sum(self.lengths)
 
+    def counted(self) -> tuple[int, ...]:
+        """The samples per shard; ShardError (one line) when they are unknown."""
+        if self.lengths is None:
+            raise ShardError(
+                "the stream needs per-shard sample counts (in epoch and resampled mode alike): point the shards at "
+                "a folder with _info.json (`data_tools shard` writes it), or use local shards (counted from their "
+                "tar headers)"
+            )
+        return tuple(self.lengths)
 
-def resolve_shards(spec: str, split: str = "train", *, count: bool = True) -> ShardList:
+
+def resolve_shards(spec: str, split: str = "train") -> ShardList:
     """Turn a shard specification into a `ShardList`.
 
     Args:
@@ -50,7 +60,6 @@ def resolve_shards(spec: str, split: str = "train", *, count: bool = True) -> Sh
             `/data/train-{000000..000127}.tar`, `s3://bucket/train-{000000..000127}.tar` or
             `pipe:curl -s https://host/train-{000..127}.tar`.
         split: split name in `_info.json` and in shard file names.
-        count: count samples of local shards that `_info.json` does not describe (reads tar headers only).
 
     Raises:
         ShardError: nothing matches, or `_info.json` lacks the split.
@@ -58,7 +67,7 @@ def resolve_shards(spec: str, split: str = "train", *, count: bool = True) -> Sh
     if not spec:
         raise ShardError(f"no shards given for split {split!r}; set data.train_shards / data.val_shards")
     if is_remote(spec) and not spec.endswith(".tar") and "{" not in spec:  # a remote folder
-        return _from_info(spec, _remote_info(spec, required=True), split)
+        return _from_info(spec, _read_info(spec), split)
     path = Path(spec)
     if path.is_dir():
         if (path / fmt.INFO).is_file():
@@ -78,37 +87,27 @@ def resolve_shards(spec: str, split: str = "train", *, count: bool = True) -> Sh
             if (folder / fmt.INFO).is_file():
                 return _match_info(urls, _read_info(folder), split)
         elif all(is_remote(u) for u in urls):
-            info = _remote_info(parent(urls[0]), required=False)
+            info = _read_info(parent(urls[0]), required=False)
             if info is not None:
                 return _match_info(urls, info, split)
     lengths = None
-    if count and all(_is_local(u) for u in urls):
+    if all(_is_local(u) for u in urls):  # counted from the tar headers
         lengths = [count_samples(_strip_file(u)) for u in urls]
     return ShardList(urls, lengths)
 
 
 def count_samples(path: str) -> int:
-    """Samples in a local tar shard: runs of consecutive members sharing a key (reads headers, skips data)."""
-    n, last = 0, None
+    """Samples in a local tar shard, grouped as the stream groups them (reads headers, skips data)."""
+    grouping = fmt.Grouping()
     with tarfile.open(path) as tar:
         for member in tar:
-            if not member.isreg() or fmt.is_ignored(member.name):  # as read_shard skips them
-                continue
-            key = fmt.split_name(member.name)[0]
-            if key != last:
-                n, last = n + 1, key
-    return n
+            if member.isreg():
+                grouping.place(member.name)
+    return grouping.index + 1
 
 
-def _read_info(folder: Path) -> dict:
-    try:
-        return fmt.read_info(folder)
-    except fmt.FormatError as e:
-        raise ShardError(str(e)) from None
-
-
-def _remote_info(folder: str, required: bool) -> dict | None:
-    """`_info.json` of a remote folder; None when it cannot be read and it is not `required`."""
+def _read_info(folder: Path | str, required: bool = True) -> fmt.DatasetInfo | None:
+    """`_info.json` of a folder (local or remote); None when it cannot be read and it is not `required`."""
     try:
         return fmt.read_info(folder)
     except fmt.FormatError as e:
@@ -117,34 +116,29 @@ def _remote_info(folder: str, required: bool) -> dict | None:
         return None
 
 
-def _split_info(info: dict, split: str, where: Path | str) -> dict:
-    splits = info.get("splits", {})
-    if split not in splits:
-        have = ", ".join(sorted(splits)) or "none"
-        raise ShardError(f"{where}/{fmt.INFO} has no split {split!r} (it has: {have}); set data.train_split/val_split")
-    return splits[split]
-
-
-def _from_info(folder: Path | str, info: dict, split: str) -> ShardList:
-    s = _split_info(info, split, folder)
-    urls = [join(str(folder), f) for f in s["filenames"]]
-    lengths = [int(n) for n in s["shard_lengths"]]
+def _from_info(folder: Path | str, info: fmt.DatasetInfo, split: str) -> ShardList:
+    try:
+        s = info.split(split, str(folder))
+    except fmt.FormatError as e:
+        raise ShardError(str(e)) from None
+    urls, lengths = [join(str(folder), f) for f in s.filenames], list(s.shard_lengths or ())
     if len(urls) != len(lengths):
         raise ShardError(f"{folder}/{fmt.INFO}: split {split!r} lists {len(urls)} files but {len(lengths)} lengths")
-    return ShardList(urls, lengths, *fmt.info_classes(info))
+    return ShardList(urls, lengths, list(info.class_names), info.num_classes)
 
 
-def _match_info(urls: list[str], info: dict, split: str) -> ShardList:
+def _match_info(urls: list[str], info: fmt.DatasetInfo, split: str) -> ShardList:
     """Counts for an explicit pattern whose folder holds `_info.json` (any split may describe each file)."""
     known: dict[str, int] = {}
-    for s in info.get("splits", {}).values():
-        known.update(zip(s.get("filenames", []), s.get("shard_lengths", []), strict=False))
+    for s in info.splits.values():
+        known.update(zip(s.filenames, s.shard_lengths or (), strict=False))
     lengths = [known.get(_strip_file(u).rsplit("/", 1)[-1]) for u in urls]
+    classes = (list(info.class_names), info.num_classes)
     if any(n is None for n in lengths) and any(is_remote(u) for u in urls):
-        return ShardList(urls, None, *fmt.info_classes(info))  # remote files it does not list: resampled mode only
+        return ShardList(urls, None, *classes)  # remote files it does not list: no counts (refused by the stream)
     if any(n is None for n in lengths):
         lengths = [count_samples(_strip_file(u)) if n is None else n for u, n in zip(urls, lengths, strict=True)]
-    return ShardList(urls, [int(n) for n in lengths], *fmt.info_classes(info))
+    return ShardList(urls, lengths, *classes)
 
 
 def _is_local(url: str) -> bool:

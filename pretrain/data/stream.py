@@ -29,7 +29,7 @@ from pretrain.data.elastic_state import StreamState
 from pretrain.data.gpu_decode import JpegCrop, pack_jpegs
 from pretrain.data.order import EpochOrder, EpochStream, ResampledStream, ShuffleBuffer, stream_of, substitute
 from pretrain.data.reader import Item, Reader, image_batch, skip_reason
-from pretrain.data.shards import ShardError, ShardList
+from pretrain.data.shards import ShardList
 
 log = logging.getLogger("pretrain.data")
 Stream = EpochStream | ResampledStream
@@ -51,14 +51,8 @@ class StreamSpec:
 
     @classmethod
     def of(cls, cfg: DataConfig, shards: ShardList, transform: Callable, img_size: int, multilabel: bool) -> StreamSpec:
-        if shards.lengths is None:
-            raise ShardError(
-                "the stream needs per-shard sample counts (in epoch and resampled mode alike): point the shards at "
-                "a folder with _info.json (`data_tools shard` writes it), or use local shards (counted from their "
-                "tar headers)"
-            )
         io = IOPolicy(timeout_s=cfg.io_timeout_s, retries=cfg.io_retries, chunk_bytes=cfg.io_chunk_bytes)
-        return cls(tuple(shards.urls), tuple(shards.lengths), transform, img_size, multilabel, cfg.max_bad_shards, io)
+        return cls(tuple(shards.urls), shards.counted(), transform, img_size, multilabel, cfg.max_bad_shards, io)
 
 
 class Out(NamedTuple):

@@ -51,7 +51,8 @@ def preflight(data: DataConfig, model: ModelConfig) -> tuple[int, list[str]]:
     if not data.train_shards:
         raise ConfigError("data.train_shards is empty; point it at the folder `python -m data_tools shard` wrote")
     require_cuda(data.decode)
-    shards = resolve_shards(data.train_shards, data.train_split, count=data.mode == "epoch")
+    shards = resolve_shards(data.train_shards, data.train_split)
+    shards.counted()  # the order needs every shard's sample count
     if data.val_shards:
         resolve_shards(data.val_shards, data.val_split)
     names = shards.class_names

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pretrain.config import DataConfig
 from pretrain.models.specs import UnknownModelError, ViTArgs, resolve_args
 from pretrain.models.vit import param_shapes, train_flops_per_image
 from pretrain.train.metrics import PEAK_BF16_FLOPS
@@ -27,6 +28,8 @@ GPU_MEMORY_GIB = {"A100": 80, "H100": 80, "H200": 141}
 DECODE_IMG_S_PER_CORE = 422.5
 DECODE_SOURCE = "measured: bench_loader --full, images/CPU-s, 2-core Xeon test machine"
 CHECKPOINT_BYTES_PER_PARAM = 14  # bf16 weights (2) + fp32 master, Adam momentum and variance (12)
+WORKER_GIB = 0.3
+WORKER_SOURCE = "measured: one fork-server worker's PSS, bench_worker_memory, ViT-H/14 on 2 CPU ranks"
 
 
 class PlanError(ValueError):
@@ -119,6 +122,7 @@ def plan(a: argparse.Namespace) -> list[Row]:
     )
     rows.append(Row(f"read bandwidth per node ({a.gpus_per_node} GPUs)", f"{node_img_s * kb / 1e3:,.0f} MB/s", kb_src))
     rows.append(Row("read bandwidth in total", f"{img_s_gpu * a.gpus * kb / 1e6:,.2f} GB/s", "derived"))
+    rows.append(worker_memory_row(math.ceil(img_s_gpu / DECODE_IMG_S_PER_CORE), a.shuffle_buffer, kb))
     micro = a.micro_batch or max(1, a.batch // a.gpus)
     for ckpt in (False, True):
         act = activation_bytes(args, micro, ckpt)
@@ -145,6 +149,14 @@ def plan(a: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def worker_memory_row(workers: int, buffer: int, kb: float) -> Row:
+    """Host memory of one GPU's loader workers: each worker's own (imports, decode) plus a shuffle buffer of raw
+    samples per canonical stream (one stream per worker with the default data.canonical_streams)."""
+    gib = workers * (WORKER_GIB + buffer * kb * 1e3 / 2**30)
+    src = f"derived: {workers} workers (the decode cores) x ({WORKER_GIB} GiB, {WORKER_SOURCE}; + {buffer:,} samples)"
+    return Row("loader workers' host memory per GPU", f"{gib:,.1f} GiB", src)
+
+
 def format_table(rows: list[Row]) -> str:
     lines = ["| quantity | value | source |", "|---|---|---|"]
     lines += [f"| {r.what} | {r.value} | {r.source} |" for r in rows]
@@ -168,6 +180,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shards", type=Path, help="shard folder: its mean sample size")
     p.add_argument("--sample-kb", type=float, default=110.0, help="mean sample size without --shards (kB)")
     p.add_argument("--write-gb-s", type=float, default=2.0, help="checkpoint write bandwidth, GB/s")
+    p.add_argument("--shuffle-buffer", type=int, default=DataConfig.shuffle_buffer, help="data.shuffle_buffer")
     return p.parse_args(argv)
 
 

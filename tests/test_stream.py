@@ -194,3 +194,25 @@ def test_loaders_leave_torchs_global_rng_alone(shards, workers):
     assert torch.equal(torch.get_rng_state(), before)
     next(iter(build_eval_loader(cfg, img_size=16, batch_size=BS)))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_workers_fork_from_the_fork_server_and_count_in_the_stats(shards):
+    """The workers are children of the fork server (a small process started before any model), not of the process
+    that iterates the loader; their memory (with the server's) is in `stats()`."""
+    import multiprocessing.forkserver
+    import os
+
+    import psutil
+
+    loader = build_train_loader(cfg_for(shards), img_size=16, batch_size=BS, num_workers=2, pin_memory=False)
+    with loader:
+        it = iter(loader)
+        next(it)
+        workers = [w.pid for w in loader._it._workers]
+        server = multiprocessing.forkserver._forkserver._forkserver_pid
+        assert len(workers) == 2 and {psutil.Process(p).ppid() for p in workers} == {server} != {os.getpid()}
+        assert loader.stats()["workers_gib"] > 0
+    in_process = build_train_loader(cfg_for(shards), img_size=16, batch_size=BS, num_workers=0)
+    with in_process:
+        next(iter(in_process))
+        assert in_process.stats()["workers_gib"] == 0

@@ -170,7 +170,8 @@ class TrainLoader:
         now = time.perf_counter()
         dt = max(now - self._t0, 1e-9)
         io_bytes = sum(x[1] for x in self._io.values())
-        workers = [w.pid for w in getattr(self._it, "_workers", ())] + server_pids()
+        workers = [w.pid for w in getattr(self._it, "_workers", ())]
+        workers += server_pids() if workers else []
         out = {
             "images_per_s": self._images / dt,
             "data_wait_fraction": min(1.0, self._wait / dt),

@@ -124,6 +124,7 @@ class Metrics:
             "mfu": ips / self.plan.world_size * self.flops_per_image / self.peak_flops if self.peak_flops else None,
             "data_wait": stats["data_wait_fraction"],
             "memory_gib": memory_gib(self.device),
+            "workers_memory_gib": stats["workers_gib"],  # host memory of the loader's workers (PSS)
             "skipped_steps": skipped_steps,
             "bad_samples": stats["bad_samples"],
             "storage_mb_per_s": stats["storage_bytes_per_s"] / 1e6,
@@ -178,6 +179,7 @@ def format_line(kind: str, step: int, v: dict[str, Any]) -> str:
         "mfu": "MFU {:.1%}",
         "data_wait": "data wait {:.1%}",
         "memory_gib": "mem {:.2f} GiB",
+        "workers_memory_gib": "+ loader workers {:.2f} GiB",
         "skipped_steps": "skipped {}",
         "storage_mb_per_s": "storage {:.1f} MB/s",
         "io_retries": "io retries {}",

@@ -67,7 +67,8 @@ def elastic_batches(lengths: list[int], world: int, micro: int, workers: int, bu
     """The elastic order with C = world x workers streams: [global batch][rank] -> micro-batch (None: no order.py)."""
     try:
         from pretrain.data.assign import Layout
-        from pretrain.data.order import EpochOrder, OrderSpec, emitted_inputs
+        from pretrain.data.order import EpochOrder, OrderSpec
+        from tests.helpers.elastic_model import emitted_inputs
     except ImportError:
         return None
     spec = OrderSpec(tuple(lengths), seed, world * workers, world * micro, buffer)

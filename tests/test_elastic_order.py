@@ -13,8 +13,8 @@ import pytest
 
 from pretrain.data.assign import Layout, LayoutError, default_streams
 from pretrain.data.elastic_state import RankCounts, StateError, StreamState
-from pretrain.data.order import EpochOrder, OrderError, OrderSpec, ShuffleBuffer, SlotShuffle, emitted_inputs
-from tests.helpers.elastic_model import global_batches
+from pretrain.data.order import EpochOrder, OrderError, OrderSpec, ShuffleBuffer, SlotShuffle
+from tests.helpers.elastic_model import emitted_inputs, global_batches
 
 # uneven shards, an empty one among them: 1,011 samples
 LENGTHS = (37, 0, 50, 12, 200, 3, 61, 128, 90, 45, 77, 100, 64, 31, 114)

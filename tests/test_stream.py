@@ -216,3 +216,40 @@ def test_workers_fork_from_the_fork_server_and_count_in_the_stats(shards):
     with in_process:
         next(iter(in_process))
         assert in_process.stats()["workers_gib"] == 0
+
+
+KILLED = """
+import os, sys
+from pretrain.config import DataConfig
+from pretrain.data import build_train_loader
+if __name__ == "__main__":
+    loader = build_train_loader(DataConfig(train_shards=sys.argv[1], num_workers=2), img_size=16, batch_size=8)
+    it = iter(loader)
+    next(it)
+    with open(sys.argv[2], "w") as f:
+        f.write(" ".join(str(w.pid) for w in loader._it._workers))
+    os.kill(os.getpid(), 9)
+"""
+
+
+def test_workers_end_when_their_rank_is_killed(shards, tmp_path):
+    """A rank killed outright (SIGKILL, the OOM killer) cannot stop its workers, and they are not its children:
+    they end by themselves, and so does the fork server."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script, out = tmp_path / "killed.py", tmp_path / "pids"
+    script.write_text(KILLED)
+    done = subprocess.run([sys.executable, str(script), str(shards), str(out)], stdout=subprocess.DEVNULL, timeout=600)
+    pids = [int(p) for p in out.read_text().split()]
+    assert len(pids) == 2 and done.returncode == -9
+    deadline = time.monotonic() + 60
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
+        if time.monotonic() > deadline:
+            for p in pids:  # ours: not left behind for the next test
+                psutil.Process(p).kill()
+            raise AssertionError("the workers outlived their rank")
+        time.sleep(0.2)

@@ -1,17 +1,9 @@
-"""Who serves what: global batch b of the canonical order (`order.py`) split over ranks, loader workers and
-micro-batches. Pure arithmetic on (C, G, R, W, A); the same for every global batch.
+"""Who serves what: global batch b of the order (`order.py`) split over ranks, loader workers and micro-batches.
+Pure arithmetic on (C, G, R, W, A), the same for every global batch (docs/stream.md, "Layouts").
 
-Global batch b is outputs [b*q, (b+1)*q) of every canonical stream (q = G / C); listed canonically it is stream 0's
-q outputs, then stream 1's, ... (`global_rows`). Rank r of R owns streams [r*S, (r+1)*S), S = C / R, so its share is
-the S x q matrix (stream i, output j) of its streams; read output-major (j outer, i inner) it is cut into the A
-micro-batches of m = G / (R*A) rows each: row l of micro-batch a is flat index f = a*m + l, stream i = f % S, output
-j = f // S. When A divides q this is the a-th q/A outputs of every stream of the rank; otherwise a micro-batch may
-end in the middle of an output row. Either way every stream's outputs are taken in order.
-
-Loader worker w of the rank serves the rank's streams i with i % W == w (W = data.num_workers, at most S). For each
-micro-batch it yields its part, the rows of its streams; the main process puts each part's rows in place. So a
-micro-batch's content and order depend on (C, G, R, A) only, never on W, and the global batch's sample set on
-(C, G) only.
+Rank r of R owns streams [r*S, (r+1)*S), S = C / R; its S x q share (stream i, output j) read output-major is cut
+into A micro-batches of m = G / (R*A) rows. Worker w serves the rank's streams i with i % W == w and yields, per
+micro-batch, its rows; the main process puts them in place, so a micro-batch never depends on W.
 """
 
 from __future__ import annotations
@@ -116,10 +108,6 @@ class Layout:
         a, in row order (each stream's outputs in order)."""
         w = self.used_workers
         return [(row, i, j) for row, (i, j) in enumerate(self._rows[a]) if i % w == worker]
-
-    def global_rows(self) -> list[tuple[int, int]]:
-        """(stream, output within the global batch) of a global batch in canonical order: stream-major."""
-        return [(c, j) for c in range(self.streams) for j in range(self.per_stream)]
 
 
 def worker_plan(

@@ -1,27 +1,16 @@
-"""The elastic sample order: a pure function of (seed, epoch, canonical streams, global batch, shuffle buffer, shard
-sizes). No I/O, no torch: every rank, worker and resume computes the same answer from these numbers alone.
+"""The global sample order, pure (no I/O, no torch): a function of (seed, epoch, canonical streams C, global batch,
+shuffle buffer, remainder, shard sizes), the same on every rank, worker and resume (docs/stream.md, "The order").
 
-An epoch is one global sequence of positions: shards in an order seeded by (seed, epoch), samples in tar order
-(`epoch_offsets`). It is cut at sample level into C contiguous ranges, one per canonical stream; stream c
-reads its range in order (sequential ranged reads) through a shuffle buffer. In resampled mode stream c reads whole
-shards drawn with replacement by (seed, c) instead, forever.
-
-The shuffle buffer (`SlotShuffle`) is today's reservoir (hold `buffer` items; for each new one emit a random held
-one and put the new one in its slot; at the end emit the rest in random order), but every choice is a counter-based
-hash of (key, step) instead of a stateful RNG, and it never looks at the items. So, without reading anything:
-`emitted(j)` is the input the j-th output is, and `held(k)` the inputs the buffer holds after k outputs, found by a
-backward scan over the steps before k until every slot is seen: about buffer x ln(buffer) hashes, whatever k is
-(O(buffer log buffer), not O(epoch)). A resume recomputes `held(k)` and fetches those samples by random access.
-
-Every stream emits the same number of outputs per epoch (`EpochOrder.outputs`); global batch b is outputs
-[b*q, (b+1)*q) of every stream, q = global_batch / C (`assign.Layout` splits it over ranks, workers, micro-batches).
+An epoch's positions (shards in a seeded order, samples in tar order) are cut into C contiguous ranges; stream c
+reads its range in order through a `SlotShuffle` buffer whose choices are hashes of (key, step), never of the items,
+so what it emits and holds at any output is computed without reading anything. Global batch b is outputs
+[b*q, (b+1)*q) of every stream, q = G / C. Resampled mode: stream c reads whole shards drawn by a hash of (seed, c).
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-import itertools
 import random
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -252,7 +241,7 @@ class EpochStream:
             u += take
 
     def sample_seed(self, j: int) -> int:
-        """Seed of the augmentation of output j (a bad output's substitute is augmented with its slot's seed)."""
+        """Seed of the augmentation of output j: a property of the slot, the same on every layout."""
         return mix(self.epoch.spec.seed, self.epoch.epoch, self.c, j, _SAMPLES)
 
 
@@ -324,15 +313,6 @@ class ResampledStream:
         return mix(self.spec.seed, self.c, j, _RESAMPLED_SEEDS)
 
 
-def emitted_inputs(stream: EpochStream | ResampledStream, k: int) -> Iterator[int]:
-    """The input index of every output of `stream` from output k on: the real `ShuffleBuffer` run on input indices
-    instead of samples (what a resumed worker does, with the held inputs fetched and the rest read in order)."""
-    sh = stream.shuffle
-    first = sh.n + (k if sh.steps is None else min(k, sh.steps))  # the next input a sequential read gives
-    inputs = itertools.count(first) if sh.length is None else iter(range(first, sh.length))
-    return iter(ShuffleBuffer(sh, k, sh.held(k).tolist(), inputs, stream.outputs))
-
-
 def substitute(j: int, good: Callable[[int], bool], end: int | None, reach: int = 1 << 20) -> int | None:
     """The output whose sample fills output j's slot: j when its sample is good; else the stream's nearest earlier
     output (in this epoch) with a good sample; at the stream's start, its nearest later one (within `end` and
@@ -340,7 +320,7 @@ def substitute(j: int, good: Callable[[int], bool], end: int | None, reach: int 
 
     The rule is local to one canonical stream, so it fills a bad slot alike on every layout; and it keeps one output
     per slot, so (epoch, consumed) still says where every stream stands. A resume whose first output is bad looks
-    back to the outputs before it (`SlotShuffle.emitted`, then a random-access fetch)."""
+    back to the outputs before it (`SlotShuffle.emitted`, then a random-access fetch; `stream.TrainStream`)."""
     for i in range(j, -1, -1):
         if good(i):
             return i

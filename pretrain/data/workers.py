@@ -15,11 +15,14 @@ on a large run. The server and its workers ignore stop signals from their start.
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.util  # noqa: F401 - its exit handler is registered at import, before ours: ours runs first
 import os
+import select
 import signal
+import threading
 import weakref
 from typing import Protocol
 
@@ -43,12 +46,25 @@ _WORKERS: weakref.WeakSet = weakref.WeakSet()
 _registered: list[bool] = []
 
 
-def ignore_stop_signals(worker_id: int) -> None:
+def ignore_stop_signals(worker_id: int, loader_pid: int | None = None) -> None:
     """A worker outlives SIGTERM / SIGUSR1 sent to the whole job (SLURM signals every process of a step): its rank
     still needs batches to finish the current step and save. Workers end with their rank: its loader stops them
-    (`stop_workers`), or the DataLoader's watchdog does when the rank is gone."""
+    (`stop_workers`); a rank killed outright (SIGKILL, the OOM killer) cannot, and the DataLoader's own watchdog
+    watches the worker's parent, which is the fork server: so a thread ends the worker when `loader_pid` ends."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    if loader_pid is not None:
+        threading.Thread(target=_end_with, args=(loader_pid,), daemon=True).start()
+
+
+def _end_with(pid: int) -> None:
+    """Exit this process as soon as process `pid` has ended (a pidfd is readable once it has)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # already gone
+        os._exit(1)
+    select.select([fd], [], [])
+    os._exit(1)
 
 
 def start_server() -> None:
@@ -85,7 +101,7 @@ def make_dataloader(ds, num_workers: int, pin_memory: bool | None, prefetch: int
         pin_memory=pin,
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch if num_workers > 0 else None,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=functools.partial(ignore_stop_signals, loader_pid=os.getpid()),
         multiprocessing_context="forkserver" if num_workers else None,
         # Without a generator of its own, every iter() draws its worker base seed from torch's global RNG: a resumed
         # run would then draw at another point than the uninterrupted one, and its dropout masks would differ.

@@ -3,8 +3,8 @@
     vit-universal RUN_DIR|CHECKPOINTS_DIR|TAG_DIR [--tag step_00001000]     (or python -m pretrain.train.universal)
 
 writes `CHECKPOINTS_DIR/<tag>_universal/` (DeepSpeed's `ds_to_universal` output plus our `pretrain_meta.json`),
-then resume with `train.resume=CHECKPOINTS_DIR/<tag>_universal` on any world size. The input stream re-splits the
-unfinished part of the epoch over the new ranks (nothing skipped, see docs/stream.md).
+then resume with `train.resume=CHECKPOINTS_DIR/<tag>_universal` on any world size. The input stream goes on with the
+uninterrupted run's global batches on any world size that divides its canonical streams (docs/stream.md).
 """
 
 from __future__ import annotations

@@ -1,14 +1,33 @@
 """A reference model of one rank's elastic loader, on positions only: every worker's parts (`assign.worker_plan`)
-filled from the pure order (`order.emitted_inputs`) and put in place by row, as the real loader must do with bytes.
+filled from the pure order (`emitted_inputs`) and put in place by row, as the real loader must do with bytes.
 The tests of the order use it across layouts; a real loader's keys can be checked against it sample by sample."""
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator
 
 from pretrain.data.assign import Layout, worker_plan
-from pretrain.data.order import EpochOrder, OrderSpec, emitted_inputs, stream_of, substitute
+from pretrain.data.order import (
+    EpochOrder,
+    EpochStream,
+    OrderSpec,
+    ResampledStream,
+    ShuffleBuffer,
+    stream_of,
+    substitute,
+)
+
+
+def emitted_inputs(stream: EpochStream | ResampledStream, k: int) -> Iterator[int]:
+    """The input index of every output of `stream` from output k on: the real `ShuffleBuffer` run on input indices
+    instead of samples (what a resumed worker does, with the held inputs fetched and the rest read in order)."""
+    sh = stream.shuffle
+    first = sh.n + (k if sh.steps is None else min(k, sh.steps))  # the next input a sequential read gives
+    inputs = itertools.count(first) if sh.length is None else iter(range(first, sh.length))
+    return iter(ShuffleBuffer(sh, k, sh.held(k).tolist(), inputs, stream.outputs))
+
 
 Row = tuple[int, int, int, int, bool]
 """(canonical stream, output index in its epoch, shard, sample index in the shard, a substitute for a bad sample)"""

@@ -28,8 +28,8 @@ GPU_MEMORY_GIB = {"A100": 80, "H100": 80, "H200": 141}
 DECODE_IMG_S_PER_CORE = 422.5
 DECODE_SOURCE = "measured: bench_loader --full, images/CPU-s, 2-core Xeon test machine"
 CHECKPOINT_BYTES_PER_PARAM = 14  # bf16 weights (2) + fp32 master, Adam momentum and variance (12)
-WORKER_GIB = 0.3
-WORKER_SOURCE = "measured: one fork-server worker's PSS, bench_worker_memory, ViT-H/14 on 2 CPU ranks"
+WORKER_GIB = 0.44
+WORKER_SOURCE = "measured: a rank's fork server, resource tracker and 1 worker (PSS), ViT-H/14, bench_worker_memory"
 
 
 class PlanError(ValueError):

@@ -83,4 +83,5 @@ def test_resume_on_1_and_4_ranks_trains_on_the_uninterrupted_runs_samples(digits
         assert got == {s: expected[s] for s in range(STOP + 1, UNTIL + 1)}, ranks  # 0 repeated, 0 skipped
         ours, theirs = losses(run), losses(ref)
         diffs = [abs(ours[s] - theirs[s]) for s in range(STOP + 1, UNTIL + 1)]
+        print(f"on {ranks} ranks: max |loss - uninterrupted loss| over steps {STOP + 1}-{UNTIL} = {max(diffs):.2e}")
         assert max(diffs) <= LOSS_TOLERANCE, (ranks, [f"{d:.2e}" for d in diffs])

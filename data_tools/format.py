@@ -1,11 +1,12 @@
-"""THE shard format: every rule that `data_tools shard` writes, `data_tools verify` checks and `pretrain.data` reads.
+"""THE shard codec: every rule that `data_tools shard` writes, `data_tools verify` checks and `pretrain.data` reads:
+the member grouping (`Grouping`), the `.cls` rule, the sample index (`IndexBuilder`) and `_info.json` (`DatasetInfo`).
 
 The public ImageNet WebDataset layout plus timm's `_info.json` (reader_wds):
 
 OUT/
   _info.json          {"name", "splits": {"train": {"name", "num_samples", "filenames", "shard_lengths"}, "val": ...},
                        "num_classes", "class_names", ...writer's own keys: "fingerprint", "options", "stats", "skipped"}
-  train-000000.tar    samples: consecutive members sharing a key: KEY.<image ext>, KEY.cls, KEY.json
+  train-000000.tar    samples: consecutive members sharing a key (`Grouping`): KEY.<image ext>, KEY.cls, KEY.json
   train-000000.tar.idx  the shard's sample index: byte offset of each sample's first header (random access, resume)
   val-000000.tar
 

@@ -29,21 +29,20 @@ def cfg_for(shards, **kw) -> DataConfig:
     return DataConfig(train_shards=str(shards), shuffle_buffer=BUFFER, canonical_streams=C, **kw)
 
 
-def global_batches(cfg, world, n, state=None, workers=2, accum=1, global_batch=G):
+def rank_loader(cfg, rank, world, workers, accum=1, global_batch=G):
+    """Rank `rank` of `world`: micro-batches of global_batch / (world x accum)."""
+    m = global_batch // (world * accum)
+    return build_train_loader(
+        cfg, img_size=16, batch_size=m, rank=rank, world_size=world, accum_steps=accum, num_workers=workers
+    )
+
+
+def global_batches(cfg, world, n, state=None, workers=2, accum=1):
     """`n` global batches over `world` ranks from `state` on: per batch its sorted (key, image bytes); and every
     rank's state after them."""
     per_rank, states = [], []
     for r in range(world):
-        loader = build_train_loader(
-            cfg,
-            img_size=16,
-            batch_size=global_batch // (world * accum),
-            rank=r,
-            world_size=world,
-            accum_steps=accum,
-            num_workers=workers,
-            pin_memory=False,
-        )
+        loader = rank_loader(cfg, r, world, workers, accum)
         if state is not None:
             loader.load_state_dict(state)
         with loader:
@@ -84,9 +83,7 @@ def test_more_workers_at_the_same_world_size_give_the_same_micro_batches(digits_
     for r in range(2):
         got = {}
         for workers in (2, 3):  # 6 streams per rank: 3 per worker, or 2
-            loader = build_train_loader(
-                cfg, img_size=16, batch_size=G // 2, rank=r, world_size=2, num_workers=workers, pin_memory=False
-            )
+            loader = rank_loader(cfg, r, 2, workers)
             loader.load_state_dict(states)
             with loader:
                 it = iter(loader)
@@ -149,16 +146,7 @@ def test_micro_batches_equal_the_reference_model(digits_shards, bad_shards, bad_
     layout = Layout(4, g, world, 3, accum)
     for r in range(world):
         model = rank_micro_batches(state.spec(lengths), "epoch", layout, r, consumed=state.consumed, bad=bad)
-        loader = build_train_loader(
-            cfg,
-            img_size=16,
-            batch_size=g // (world * accum),
-            rank=r,
-            world_size=world,
-            accum_steps=accum,
-            num_workers=3,
-            pin_memory=False,
-        )
+        loader = rank_loader(cfg, r, world, 3, accum, g)
         loader.load_state_dict(state.to_dict())
         with loader:
             it = iter(loader)

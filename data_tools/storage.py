@@ -144,7 +144,8 @@ def _client(kind: str, timeout_s: float):
             import boto3
             from botocore.config import Config
 
-            cfg = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 1})
+            # one attempt: botocore retries nothing here (RangeReader retries, resuming at the byte)
+            cfg = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"total_max_attempts": 1})
             _CLIENTS[key] = boto3.session.Session().client("s3", config=cfg)
     return _CLIENTS[key]
 

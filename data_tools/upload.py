@@ -52,7 +52,7 @@ def _write_client(policy: UploadPolicy):
     import boto3
     from botocore.config import Config
 
-    retries = {"max_attempts": policy.retries + 1, "mode": "standard"}
+    retries = {"total_max_attempts": policy.retries + 1, "mode": "standard"}  # the first try and the retries
     cfg = Config(connect_timeout=policy.timeout_s, read_timeout=policy.timeout_s, retries=retries)
     return boto3.session.Session().client("s3", config=cfg)
 

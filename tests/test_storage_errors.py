@@ -138,16 +138,17 @@ def test_training_preflight_names_a_refused_store_in_one_line(moto, tmp_path, sh
 # ------------------------------------------------------------------------------------------- uploads
 
 
-def test_an_upload_through_503s_is_retried_and_info_json_comes_last(moto, digits_dir, tmp_path):
+def test_an_upload_answered_503_twice_per_object_is_retried_and_info_json_comes_last(moto, digits_dir, tmp_path):
     staging = tmp_path / "staging"
-    with UploadProxy(moto.url, fail_writes=2) as proxy:
+    with UploadProxy(moto.url, fail_each_write=2) as proxy:  # every object: 503, 503, then through
         p = run(shard_cmd(digits_dir, "s3://shards/retried/", staging), env_of(moto, AWS_ENDPOINT_URL=proxy.url), 300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert [s for _, _, s in proxy.log].count(503) == 2
     puts = [path.split("?")[0] for method, path, status in proxy.log if method == "PUT" and status == 200]
+    staged = {f.name: f.read_bytes() for f in staging.iterdir() if f.name.endswith((".tar", ".idx", fmt.INFO))}
+    assert len(puts) == len(staged) >= 3  # a shard, its index, _info.json: one PUT each that went through
+    assert [s for _, _, s in proxy.log].count(503) == 2 * len(puts)  # each after two 503s
     assert puts[-1].endswith(f"/retried/{fmt.INFO}") and sum(x.endswith(fmt.INFO) for x in puts) == 1
     assert proxy.parts() == 0  # small files: one PUT each
-    staged = {f.name: f.read_bytes() for f in staging.iterdir() if f.name.endswith((".tar", ".idx", fmt.INFO))}
     assert objects(moto, "shards", "retried/") == staged  # every file, byte for byte
 
 

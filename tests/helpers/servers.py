@@ -235,12 +235,14 @@ def environ_with(env: dict) -> dict:
 
 
 class UploadProxy(_Server):
-    """Forwards every request (GET, HEAD, PUT, POST, DELETE) to `upstream` (moto); the first `fail_writes` PUT / POST
-    requests are answered 503 instead (their body read, nothing forwarded). `log` holds (method, path?query, status)
-    of every request, in order: the multipart uploads are counted from it."""
+    """Forwards every request (GET, HEAD, PUT, POST, DELETE) to `upstream` (moto); each distinct PUT / POST request
+    (method, path and query: one object, or one part of a multipart upload) is answered 503 its first
+    `fail_each_write` times (its body read, nothing forwarded). `log` holds (method, path?query, status) of every
+    request, in order: the multipart uploads are counted from it."""
 
-    def __init__(self, upstream: str, fail_writes: int = 0):
-        self.upstream, self.fail_writes, self.log = urlparse(upstream), fail_writes, []
+    def __init__(self, upstream: str, fail_each_write: int = 0):
+        self.upstream, self.fail_each_write, self.log = urlparse(upstream), fail_each_write, []
+        self.failed: dict[str, int] = {}
         super().__init__(_UploadProxyHandler)
 
     def parts(self, key_suffix: str = "") -> int:
@@ -269,9 +271,10 @@ class _UploadProxyHandler(_Quiet):
     def _forward(self) -> None:
         p: UploadProxy = self.server.owner
         body = self._body() if self.command in ("PUT", "POST", "DELETE") else b""
+        request = f"{self.command} {self.path}"
         with p.lock:
-            fail = self.command in ("PUT", "POST") and p.fail_writes > 0
-            p.fail_writes -= fail
+            fail = self.command in ("PUT", "POST") and p.failed.get(request, 0) < p.fail_each_write
+            p.failed[request] = p.failed.get(request, 0) + fail
         if fail:
             p.log.append((self.command, self.path, 503))
             self.send_response(503)

@@ -82,6 +82,12 @@ def mean_sample_kb(shards: Path) -> float:
     return size / samples / 1e3
 
 
+def format_hours(hours: float) -> str:
+    """A run's length in hours, the unit GPU jobs are booked in; days beside them past 48 h."""
+    text = f"{hours:,.1f} h"
+    return f"{text} ({hours / 24:,.1f} days)" if hours > 48 else text
+
+
 def plan(a: argparse.Namespace) -> list[Row]:
     """The table's rows for the parsed arguments."""
     args = resolve_args(a.model, img_size=a.img_size, num_classes=a.num_classes)
@@ -96,7 +102,7 @@ def plan(a: argparse.Namespace) -> list[Row]:
         Row("training FLOPs per image", f"{flops / 1e9:,.1f} GFLOP", "derived: train_flops_per_image (fwd + bwd)"),
         Row("images to process", f"{images / 1e9:,.3f} B", f"given: {a.samples} samples x {a.epochs} epochs"),
         Row(f"images/s per {gpu}", f"{img_s_gpu:,.0f}", mfu_src + " (bench_gpu has not run yet)"),
-        Row(f"time on {a.gpus} x {gpu}", f"{images / (img_s_gpu * a.gpus) / 86400:,.2f} days", "derived"),
+        Row(f"time on {a.gpus} x {gpu}", format_hours(images / (img_s_gpu * a.gpus) / 3600), "derived"),
     ]
     if a.days:
         need = images / (a.days * 86400) / a.gpus

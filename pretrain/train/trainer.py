@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 
+from data_tools.storage import IOPolicy, StorageError, is_remote, object_size
 from pretrain.checkpoint_format import tag_for
 from pretrain.config import BatchPlan, Config, ConfigError, DataConfig, ModelConfig, TrainConfig, head_size, save_config
-from pretrain.data import EvalLoader, TrainLoader, build_eval_loader, build_train_loader, resolve_shards
+from pretrain.data import EvalLoader, ShardError, TrainLoader, build_eval_loader, build_train_loader, resolve_shards
 from pretrain.data.gpu_decode import require_cuda
+from pretrain.data.loader import io_policy
 from pretrain.models.vit import ViTArgs, resolve_args, train_flops_per_image
 from pretrain.train import faults
 from pretrain.train.checkpointer import Checkpointer, check_resumable, is_universal, resolve_resume, run_meta
@@ -49,11 +51,25 @@ def preflight(data: DataConfig, model: ModelConfig) -> tuple[int, list[str]]:
         raise ConfigError("data.train_shards is empty; point it at the folder `python -m data_tools shard` wrote")
     require_cuda(data.decode)
     shards = resolve_shards(data.train_shards, data.train_split, count=data.mode == "epoch")
+    check_readable(shards.urls[0], io_policy(data))
     if data.val_shards:
-        resolve_shards(data.val_shards, data.val_split)
+        check_readable(resolve_shards(data.val_shards, data.val_split).urls[0], io_policy(data))
     names = shards.class_names
     num_classes = head_size(model, shards.num_classes, names)
     return num_classes, names or [str(i) for i in range(num_classes)]
+
+
+def check_readable(url: str, policy: IOPolicy) -> None:
+    """A store that refuses the first shard (missing bucket, unknown key, no credentials) ends the run in one line.
+
+    Raises:
+        ShardError: the store refused (a fault beyond the retries is reported as well).
+    """
+    if is_remote(url):
+        try:
+            object_size(url, policy)
+        except StorageError as e:
+            raise ShardError(f"{url} cannot be read: {e}") from None
 
 
 def model_args(model: ModelConfig, num_classes: int) -> ViTArgs:

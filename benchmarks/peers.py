@@ -99,13 +99,13 @@ def loader_rate(make: Callable[[], Iterable], n_batches: int) -> float:
         gc.collect()  # litdata's loader and its iterator refer to each other: stop its worker now, not in a fork
 
 
-def best_of(sides: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Each side's best rate over `repeats` rounds, the sides alternating (A B C A B C ...) so load hits all."""
-    best = dict.fromkeys(sides, 0.0)
+def alternating(sides: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Each side's rates over `repeats` rounds, the sides alternating (A B C A B C ...) so load hits all alike."""
+    runs: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(repeats):
         for name, measure in sides.items():
-            best[name] = max(best[name], measure())
-    return best
+            runs[name].append(measure())
+    return runs
 
 
 def train_transform() -> v2.Compose:

@@ -32,7 +32,7 @@ from torchvision.transforms import v2
 
 IMG, BATCH, SHUFFLE = 224, 64, 256
 BENCH_INSTALL = "pip install '.[bench]'"
-MDS_INSTALL = "pip install --no-deps -c constraints.txt mosaicml-streaming"
+MDS_INSTALL = f"{BENCH_INSTALL} && pip install --no-deps -c constraints.txt mosaicml-streaming"
 # side -> (module it needs, how to install it)
 PACKAGES = {
     "webdataset": ("webdataset", BENCH_INSTALL),
@@ -51,7 +51,7 @@ def missing(side: str) -> str | None:
 
 
 def _mds_broken() -> bool:
-    """MosaicML Streaming installed without `.[bench]`: one of the packages it imports is absent."""
+    """MosaicML Streaming installed without `.[bench]`: one of the packages it imports is absent (see MDS_INSTALL)."""
     return any(importlib.util.find_spec(m) is None for m in ("brotli", "snappy", "zstd", "catalogue", "xxhash"))
 
 

@@ -78,7 +78,9 @@ def images_per_second(batches: Iterable, n_batches: int, clock: Callable[[], flo
     for _ in range(n_batches):
         b = next(it)
         images += (b["image"] if isinstance(b, dict) else b[0]).shape[0]
-    return images / (clock() - start)
+    if (spent := clock() - start) <= 0:  # e.g. fewer batches than a worker prefetches: all made before the start
+        raise ValueError(f"no time measured over {n_batches} batches: time more batches")
+    return images / spent
 
 
 def forever(loader: Iterable) -> Iterable:

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from data_tools.storage import IOPolicy
 from pretrain.config import DataConfig, FewshotConfig
+from pretrain.data.loader import io_policy
 from pretrain.fewshot.features import Embedder, embed, input_of
 from pretrain.fewshot.ridge import L2_GRID, ShotResult, fewshot_fit
 from pretrain.fewshot.sets import Draw, FewshotSet, Samples, draw_shots, first_positions, read_labels, resolve_set
@@ -50,7 +52,6 @@ class FewShot:
         max_train_images: the shot pool is the first N train images (0: all).
         max_test_images: test images per set (0: all).
         io: remote read policy.
-        rank, world: this rank (the label pass and the features are collectives).
     """
 
     def __init__(
@@ -62,32 +63,31 @@ class FewShot:
         max_train_images: int = 0,
         max_test_images: int = 0,
         io: IOPolicy | None = None,
-        rank: int = 0,
-        world: int = 1,
     ) -> None:
         self.shots, self.seed, self.pool, self.max_test = shots, seed, max_train_images, max_test_images
-        self.io, self.rank, self.world = io or IOPolicy(), rank, world
+        self.io = io or IOPolicy()
         self.sets: list[FewshotSet] = [resolve_set(s, seed) for s in specs]
         self._draws: dict[str, Draw] = {}
 
-    def draw(self, s: FewshotSet) -> Draw:
-        """The set's k-shot draw, made at the first call (reads the pool's labels: a collective)."""
+    def draw(self, s: FewshotSet, rank: int = 0, world: int = 1) -> Draw:
+        """The set's k-shot draw, made at the first call (reads the pool's labels: a collective of `world` ranks)."""
         if s.name not in self._draws:
             pool = len(first_positions(s.train, self.pool))
-            labels = read_labels(s.train, pool, self.io, self.rank, self.world)
+            labels = read_labels(s.train, pool, self.io, rank, world)
             self._draws[s.name] = draw_shots(labels, s.num_classes, max(self.shots), self.seed)
         return self._draws[s.name]
 
     def run(self, embedder: Embedder, progress: Callable[[str, int, int], Any] | None = None) -> list[SetResult]:
-        """Every set's results on rank 0 ([] elsewhere). `progress(set, done, total)` is called as images pass."""
+        """Every set's results on rank 0 ([] elsewhere): a collective of the embedder's ranks. `progress(set, done,
+        total)` is called as images pass."""
         out = []
         for s in self.sets:
-            d = self.draw(s)
+            d = self.draw(s, embedder.rank, embedder.world)
             train, test = Samples(s.train, d.positions()), Samples(s.test, first_positions(s.test, self.max_test))
             tick = Tick(progress, s.name, len(train.positions) + len(test.positions))
             tx, ty, tkept = embed(embedder, train, tick)
             qx, qy, _ = embed(embedder, test, tick)
-            if self.rank == 0:
+            if embedder.rank == 0:
                 out.append(self._fit(s, d, train.positions[tkept], tx, qx, qy, embedder.device))
         return out
 
@@ -146,7 +146,6 @@ class FewShotEvaluator:
         img_size: the model's input size.
         batch_size: images per forward (`train.micro_batch_size`).
         total_steps: `train.steps`.
-        rank, world: this rank.
     """
 
     def __init__(
@@ -157,11 +156,7 @@ class FewShotEvaluator:
         img_size: int,
         batch_size: int,
         total_steps: int,
-        rank: int,
-        world: int,
     ) -> None:
-        from pretrain.data.loader import io_policy
-
         self.every, self.total_steps = cfg.every_steps, total_steps
         self.img_size, self.crop_pct, self.batch_size = img_size, data.eval_crop_pct, batch_size
         self.threads = max(1, data.num_workers)
@@ -174,8 +169,6 @@ class FewShotEvaluator:
                 max_train_images=cfg.max_train_images,
                 max_test_images=cfg.max_test_images,
                 io=io_policy(data),
-                rank=rank,
-                world=world,
             )
 
     @property
@@ -196,10 +189,10 @@ class FewShotEvaluator:
             with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=bf16):
                 return input_of(module.head, model, engine.inputs(images))
 
-        s = self.setup
-        assert s is not None
+        io = self.setup.io if self.setup else IOPolicy()
+        rank, world = dist.get_rank(), dist.get_world_size()
         return Embedder(
-            forward, self.img_size, self.crop_pct, self.batch_size, engine.device, s.io, self.threads, s.rank, s.world
+            forward, self.img_size, self.crop_pct, self.batch_size, engine.device, io, self.threads, rank, world
         )
 
     @torch.no_grad()
@@ -210,9 +203,10 @@ class FewShotEvaluator:
         t0 = time.perf_counter()
         was_training = engine.model.training
         engine.model.eval()
-        results = self.setup.run(self.embedder(engine))
+        embedder = self.embedder(engine)
+        results = self.setup.run(embedder)
         if was_training:
             engine.model.train()
-        if self.setup.rank:
+        if embedder.rank:
             return {}
         return {**metric_values(results), "time_s": time.perf_counter() - t0}

@@ -134,6 +134,13 @@ class Trainer:
         args = model_args(cfg.model, num_classes)
         if target:
             check_resumable(target, args, world_size)
+        fewshot = FewShotEvaluator(  # resolves the few-shot sets now: a bad one fails before any collective
+            cfg.fewshot,
+            cfg.data,
+            img_size=args.img_size,
+            batch_size=cfg.train.micro_batch_size,
+            total_steps=cfg.train.steps,
+        )
 
         rank, world, device = init_distributed(cfg.train.collective_timeout_s)
         watchdog = Watchdog(cfg.train.collective_timeout_s, rank, world)
@@ -168,15 +175,6 @@ class Trainer:
             run_name=cfg.run.name,
         )
         evaluator = Evaluator(eval_loader, cfg.train, num_classes)
-        fewshot = FewShotEvaluator(
-            cfg.fewshot,
-            cfg.data,
-            img_size=args.img_size,
-            batch_size=cfg.train.micro_batch_size,
-            total_steps=cfg.train.steps,
-            rank=rank,
-            world=world,
-        )
         return cls(cfg, engine, loader, state, checkpointer, metrics, evaluator, stop, watchdog, fewshot)
 
     def run(self) -> dict[str, Any]:

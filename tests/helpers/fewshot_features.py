@@ -48,15 +48,13 @@ def main() -> None:
     over += [f"data.train_shards={a.shards}", f"fewshot.sets=digits={a.shards}", "fewshot.shots=1,5"]
     cfg = load_config(a.run / "config.yaml", over)
     engine = Engine.from_config(model, cfg, world_size=world, device=device)
-    ev = FewShotEvaluator(
-        cfg.fewshot, cfg.data, img_size=model.args.img_size, batch_size=16, total_steps=1, rank=rank, world=world
-    )
+    ev = FewShotEvaluator(cfg.fewshot, cfg.data, img_size=model.args.img_size, batch_size=16, total_steps=1)
     values = ev.run(engine)  # the Trainer's call
     setup, embedder = ev.setup, ev.embedder(engine)
     (s,) = setup.sets
     engine.model.eval()
     with torch.no_grad():
-        tx, ty, _ = embed(embedder, Samples(s.train, setup.draw(s).positions()))
+        tx, ty, _ = embed(embedder, Samples(s.train, setup.draw(s, rank, world).positions()))
         qx, qy, _ = embed(embedder, Samples(s.test, first_positions(s.test, setup.max_test)))
     if rank == 0:
         np.savez(a.out, train=tx, train_labels=ty, test=qx, test_labels=qy, values=json.dumps(values), world=world)

@@ -126,14 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         specs = [parse_set(d, "--data", default_name=Path(d.rstrip("/")).name or "set") for d in a.data]
         if a.batch_size < 1 or a.max_train_images < 0 or a.max_test_images < 0:
             raise ConfigError("--batch-size must be >= 1 and --max-train-images / --max-test-images >= 0")
+        if a.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {a.device} but no GPU is visible; use --device cpu")
         fm = load_feature_model(a.weights, a.timm)
         setup = FewShot(
             specs, shots, seed=a.seed, max_train_images=a.max_train_images, max_test_images=a.max_test_images
         )
+        results = evaluate(fm, setup, a)  # a multi-label set is refused here, on reading its labels
     except (ConfigError, BackboneError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = evaluate(fm, setup, a)
     print(f"few-shot linear accuracy of {a.weights}: {fm.what}")
     print(format_table(results, shots))
     if a.json:

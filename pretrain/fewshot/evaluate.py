@@ -30,7 +30,9 @@ class SetResult:
     """One set's few-shot results."""
 
     name: str
+    """The set's name (`fewshot/<name>/<k>shot`)."""
     num_classes: int
+    """Classes of the set."""
     train_images: int
     """Train images embedded (every drawn shot)."""
     test_images: int
@@ -38,6 +40,7 @@ class SetResult:
     draw_id: str
     """12 hex digits of the drawn positions' SHA-1: equal ids, equal shots."""
     shots: dict[int, ShotResult] = field(default_factory=dict)
+    """The result at each shot count."""
     short: dict[int, int] = field(default_factory=dict)
     """Classes with fewer than k images in the pool, per k (they get what there is)."""
 
@@ -85,7 +88,7 @@ class FewShot:
             d = self.draw(s, embedder.rank, embedder.world)
             train, test = Samples(s.train, d.positions()), Samples(s.test, first_positions(s.test, self.max_test))
             tick = Tick(progress, s.name, len(train.positions) + len(test.positions))
-            tx, ty, tkept = embed(embedder, train, tick)
+            tx, _, tkept = embed(embedder, train, tick)  # train labels: the draw's
             qx, qy, _ = embed(embedder, test, tick)
             if embedder.rank == 0:
                 out.append(self._fit(s, d, train.positions[tkept], tx, qx, qy, embedder.device))

@@ -97,7 +97,9 @@ def _decode(transform: EvalTransform, data: bytes | None) -> torch.Tensor | None
         return None
 
 
-def embed(e: Embedder, samples: Samples, progress: Callable[[int], None] | None = None):
+def embed(
+    e: Embedder, samples: Samples, progress: Callable[[int], None] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[None, None, None]:
     """Features and labels of `samples` on rank 0: (features (M, F) float32, labels (M,), kept (N,) bool) where
     the M kept positions are those that could be read; (None, None, None) on the other ranks. A collective."""
     n = len(samples.positions)
@@ -118,7 +120,7 @@ def embed(e: Embedder, samples: Samples, progress: Callable[[int], None] | None 
                     x[i], ok[i] = img, True
             feats.append(e.forward(x).to(e.device, torch.float32))
             labels.append(torch.tensor([r[1] for r in raw] + [-1] * (e.batch_size - len(raw)), device=e.device))
-            mask.append(ok.to(e.device))
+            mask.append(ok.to(e.device, torch.uint8))  # uint8: what every backend gathers
             if progress:
                 progress(len(raw))
     mine = [torch.cat(feats), torch.cat(labels), torch.cat(mask)]  # (batches * B, F), (batches * B,), ...
@@ -128,7 +130,7 @@ def embed(e: Embedder, samples: Samples, progress: Callable[[int], None] | None 
     f, y, m = (torch.cat(t) for t in every)
     counts = [max(0, min((r + 1) * block, n) - r * block) for r in range(e.world)]  # positions of each rank
     real = torch.cat([torch.arange(batches * e.batch_size) < c for c in counts]).to(m.device)  # not padding
-    kept = m[real]
+    kept = m[real].bool()
     return f[real][kept].cpu().numpy(), y[real][kept].cpu().numpy(), kept.cpu().numpy()
 
 

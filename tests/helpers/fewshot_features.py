@@ -20,7 +20,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from pretrain.checkpoint_format import read_meta
-from pretrain.config import load_config
+from pretrain.config import BatchPlan, load_config
 from pretrain.fewshot.evaluate import FewShotEvaluator
 from pretrain.fewshot.features import embed
 from pretrain.fewshot.sets import Samples, first_positions
@@ -47,7 +47,7 @@ def main() -> None:
     over = [f"deepspeed.zero_stage={a.stage}", "train.micro_batch_size=16", f"train.global_batch_size={16 * world}"]
     over += [f"data.train_shards={a.shards}", f"fewshot.sets=digits={a.shards}", "fewshot.shots=1,5"]
     cfg = load_config(a.run / "config.yaml", over)
-    engine = Engine.from_config(model, cfg, world_size=world, device=device)
+    engine = Engine.from_config(model, cfg, BatchPlan.of(cfg.train, world), device=device)
     ev = FewShotEvaluator(cfg.fewshot, cfg.data, img_size=model.args.img_size, batch_size=16, total_steps=1)
     values = ev.run(engine)  # the Trainer's call
     setup, embedder = ev.setup, ev.embedder(engine)

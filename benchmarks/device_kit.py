@@ -70,7 +70,7 @@ DEVICE_PACKAGES = frozenset(
     patsy peft pillow pip pluggy portalocker prometheus-client propcache protobuf psutil pyarrow pybind11
     py-cpuinfo pygments pyparsing pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock
     pytest-timeout pytest-xdist python-dateutil pytorch-lightning pyyaml regex requests rich sacrebleu
-    scikit-build-core scikit-image scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools
+    safetensors scikit-build-core scikit-image scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools
     shellingham simplejson six sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server
     tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric
     torchmetrics torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3

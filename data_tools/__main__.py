@@ -7,7 +7,6 @@ import sys
 
 from data_tools import storage
 from data_tools.errors import DataToolsError
-from data_tools.format import publish
 from data_tools.shard import DEFAULT_MAX_SHARD_BYTES, DEFAULT_SAMPLES_PER_SHARD
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -80,11 +79,12 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; bad input prints `error: ...` and returns 2, failed verification 1, Ctrl-C 130."""
+    """Run one command; bad input or a store's refusal prints `error: ...` and returns 2, failed verification 1,
+    Ctrl-C 130."""
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except DataToolsError as e:
+    except (DataToolsError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -94,12 +94,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shard(args: argparse.Namespace) -> int:
+    from data_tools import upload
     from data_tools.shard import shard
     from data_tools.summary import format_summary
 
     remote = storage.is_remote(args.out)
     if remote and not (args.out.startswith("s3://") and args.staging):
         raise DataToolsError(f"{args.out}: output to a URL needs s3://bucket/prefix/ and --staging DIR (local folder)")
+    if remote:
+        upload.check_destination(args.out)  # a refused bucket or key ends the command now, not after the sharding
     summary = shard(
         args.src,
         args.staging if remote else args.out,
@@ -117,7 +120,7 @@ def _shard(args: argparse.Namespace) -> int:
         name=args.name,
     )
     if remote:
-        publish(args.staging, args.out)
+        upload.publish(args.staging, args.out)
     print(format_summary(summary))
     return 0
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import io
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_PIXELS = 1 << 28
 """Larger images are refused from their header, before any pixel is decoded (a decompression-bomb guard)."""
@@ -116,6 +118,11 @@ def decode_rgb(data: bytes, reduce: int = 1) -> torch.Tensor:
         BadImage: the image is empty, not an image, too large (checked from the header first), corrupt or
             truncated.
     """
+    # torch is imported here, not at the top: `data_tools info` / `verify` / a refused `shard` start in under a
+    # second without it (its import takes seconds on a busy machine).
+    import torch
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
     w, h = image_size(data)  # the bomb guard, before anything is allocated
     try:
         if is_jpeg(data) and reduce == 1:

@@ -373,14 +373,3 @@ def write_json(path: str | os.PathLike, obj: dict) -> None:
 def write_info(folder: str | os.PathLike, info: DatasetInfo) -> None:
     """Write `folder/_info.json` atomically: a reader never sees a half-written description."""
     write_json(Path(folder) / INFO, info.to_dict())
-
-
-def publish(folder: str | os.PathLike, url: str) -> None:
-    """Upload a finished shard folder to `url` (`shard --out s3://`): every shard and index `_info.json` lists, then
-    `_info.json` last, so a reader of the URL never finds a description whose shards are not all there."""
-    for split in read_info(folder).splits.values():
-        for name in split.filenames:
-            for f in (name, index_name(name)):
-                if (Path(folder) / f).is_file():
-                    storage.write_bytes(storage.join(url, f), (Path(folder) / f).read_bytes())
-    storage.write_bytes(storage.join(url, INFO), (Path(folder) / INFO).read_bytes())

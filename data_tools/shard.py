@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
-from webdataset.writer import TarWriter
 
 from data_tools import format as fmt
 from data_tools import layout
@@ -312,6 +311,8 @@ def _init_worker(ctx: WorkerContext) -> None:
 
 def _write_shard(task: ShardTask) -> dict:
     """Write one shard (temporary name, then rename), then its progress marker; return the marker."""
+    from webdataset.writer import TarWriter  # here, not at the top: webdataset imports torch (seconds)
+
     ctx = _CTX
     name = fmt.shard_name(task.split, task.index)
     counts: dict[int, int] = {}

@@ -3,8 +3,8 @@
     open_stream(url, start, end, io)   a sequential reader of bytes [start, end) of one object
     read_bytes(url, io)                 a whole small object (`_info.json`, a shard index)
     object_size(url, io)                the size of an object (one ranged GET of its first byte)
-    write_bytes(url, data)              one object: a local file through a rename; S3: one PUT (atomic per object)
-    publish(folder, url)                upload a finished shard folder, `_info.json` last
+
+Uploads to S3 (`shard --out s3://...`) are in `data_tools.upload`.
 
 Here in `data_tools` (the lower layer) so that `info`, `verify` and `shard --out s3://` use the same access as the
 training stream (`pretrain.data`), which imports it.
@@ -15,6 +15,9 @@ read that stalls longer than `io.timeout_s` is retried up to `io.retries` times 
 from the byte where it broke: the bytes a reader sees are exactly those of a fault-free read. A permanent fault
 (404, 403, retries exhausted) raises `StorageError`. Every retry is logged and counted in `IO_STATS` (per process),
 with the bytes read, for the loader's metrics.
+
+A refusal (missing bucket or object, access denied, a key the store does not know, no credentials at all) is never
+retried: it raises `StorageError` at once, its message saying what was refused and what to set.
 """
 
 from __future__ import annotations
@@ -35,7 +38,24 @@ REMOTE_SCHEMES = ("http", "https", "s3")
 
 
 class StorageError(OSError):
-    """An object that cannot be read: missing, forbidden, or faults beyond the retry budget."""
+    """An object that cannot be read or written: missing, forbidden, no credentials, or faults beyond the retries."""
+
+
+CREDENTIALS_HINT = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+# What an S3 error code means to the user (HEAD answers carry no code: their status stands in for it).
+_S3_REFUSALS = {
+    "NoSuchBucket": "the bucket does not exist",
+    "NoSuchKey": "no such object",
+    "404": "no such object",
+    "AccessDenied": "access denied (the credentials lack the permission, or the bucket's policy refuses it)",
+    "403": "access denied",
+    "AllAccessDisabled": "all access to this bucket is disabled",
+    "InvalidAccessKeyId": f"the store does not know this access key; {CREDENTIALS_HINT}",
+    "SignatureDoesNotMatch": "the secret key does not match the access key; check AWS_SECRET_ACCESS_KEY",
+    "ExpiredToken": "the session token has expired; renew the credentials (AWS_SESSION_TOKEN or AWS_PROFILE)",
+    "InvalidToken": "the session token is not valid; renew the credentials (AWS_SESSION_TOKEN or AWS_PROFILE)",
+    "InvalidBucketName": "not a valid bucket name",
+}
 
 
 @dataclass
@@ -82,6 +102,30 @@ class _Transient(Exception):
     """A fault worth retrying (internal)."""
 
 
+def s3_fault(e: Exception) -> _Transient | StorageError:
+    """What a boto3 / botocore failure means: a fault worth retrying, or a refusal named in words."""
+    from botocore.exceptions import (
+        ClientError,
+        CredentialRetrievalError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ProfileNotFound,
+    )
+
+    if isinstance(e, ClientError):
+        meta = e.response.get("ResponseMetadata", {})
+        status, code = meta.get("HTTPStatusCode", 0), e.response.get("Error", {}).get("Code", "")
+        if status >= 500 or status == 429 or "Throttl" in code or code in ("SlowDown", "RequestTimeout"):
+            return _Transient(f"S3 {status} {code}")
+        what = _S3_REFUSALS.get(code) or e.response.get("Error", {}).get("Message") or "refused"
+        return StorageError(f"S3 {status} {code}: {what}")
+    if isinstance(e, NoCredentialsError):
+        return StorageError(f"no AWS credentials found; {CREDENTIALS_HINT}")
+    if isinstance(e, (PartialCredentialsError, ProfileNotFound, CredentialRetrievalError)):
+        return StorageError(f"{e}; {CREDENTIALS_HINT}")
+    return _Transient(f"{type(e).__name__}: {e}")
+
+
 # ------------------------------------------------------------------------------------------- backends
 
 
@@ -109,7 +153,8 @@ def _client(kind: str, timeout_s: float):
             import boto3
             from botocore.config import Config
 
-            cfg = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 1})
+            # one attempt: botocore retries nothing here (RangeReader retries, resuming at the byte)
+            cfg = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"total_max_attempts": 1})
             _CLIENTS[key] = boto3.session.Session().client("s3", config=cfg)
     return _CLIENTS[key]
 
@@ -146,17 +191,17 @@ def _s3_get(url: str, start: int, stop: int | None, timeout_s: float):
     rng = f"bytes={start}-{'' if stop is None else stop - 1}"
     try:
         r = _client("s3", timeout_s).get_object(Bucket=u.netloc, Key=u.path.lstrip("/"), Range=rng)
-    except ClientError as e:
-        meta = e.response.get("ResponseMetadata", {})
-        status, code = meta.get("HTTPStatusCode", 0), e.response.get("Error", {}).get("Code", "")
-        if status == 416 or code == "InvalidRange":
+    except (ClientError, BotoCoreError) as e:
+        if isinstance(e, ClientError) and _past_the_end(e):
             return None, start, False
-        if status >= 500 or status == 429 or "Throttl" in code or code == "SlowDown":
-            raise _Transient(f"S3 {status} {code}") from None
-        raise StorageError(f"S3 {status} {code}") from None
-    except BotoCoreError as e:
-        raise _Transient(f"{type(e).__name__}: {e}") from None
+        raise s3_fault(e) from None
     return r["Body"], _total(r.get("ContentRange")), False
+
+
+def _past_the_end(e) -> bool:
+    """A ranged GET that starts at or past the object's end (416 InvalidRange)."""
+    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status == 416 or e.response.get("Error", {}).get("Code") == "InvalidRange"
 
 
 def _total(content_range: str | None) -> int | None:
@@ -303,16 +348,3 @@ def object_size(url: str, policy: IOPolicy | None = None) -> int:
     if r._size is None:
         raise StorageError(f"{url}: the server gave no object size (Content-Range)")
     return r._size
-
-
-def write_bytes(url: str, data: bytes) -> None:
-    """Write one object: a local file through a temporary name and a rename, an S3 object with one PUT."""
-    u = urlparse(url)
-    if u.scheme == "s3":
-        _client("s3", IOPolicy().timeout_s).put_object(Bucket=u.netloc, Key=u.path.lstrip("/"), Body=data)
-    elif is_remote(url):
-        raise StorageError(f"cannot write to {url}: output goes to a local folder or s3://")
-    else:
-        from data_tools.fsutil import atomic_write
-
-        atomic_write(url, data)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.config import DataConfig
+from pretrain.fewshot.ridge import fit_flops
 from pretrain.models.specs import UnknownModelError, ViTArgs, resolve_args
 from pretrain.models.vit import param_shapes, train_flops_per_image
 from pretrain.train.metrics import PEAK_BF16_FLOPS
@@ -30,6 +31,13 @@ DECODE_SOURCE = "measured: bench_loader --full, images/CPU-s, 2-core Xeon test m
 CHECKPOINT_BYTES_PER_PARAM = 14  # bf16 weights (2) + fp32 master, Adam momentum and variance (12)
 WORKER_GIB = 0.44
 WORKER_SOURCE = "measured: a rank's fork server, resource tracker and 1 worker (PSS), ViT-H/14, bench_worker_memory"
+# Few-shot evaluation as the i21k recipes' commented example: (classes, test images) of ImageNet-1k, CIFAR-100, Pets
+# at 1, 5, 10, 25 shots; the fit runs in float64 on rank 0's GPU (dense FP64 tensor-core peaks, NVIDIA data sheets).
+FEWSHOT_SETS = ((1000, 10_000), (100, 10_000), (37, 3_669))
+FEWSHOT_SHOTS = (1, 5, 10, 25)
+PEAK_FP64_FLOPS = {"A100": 19.5e12, "H100": 67e12, "H200": 67e12}
+FP64_EFFICIENCY = 0.25  # assumed: eigendecompositions of ~1k x 1k matrices run far below peak
+DECODE_THREADS = 10  # the recipes' data.num_workers: the decoding threads of a rank during few-shot evaluation
 
 
 class PlanError(ValueError):
@@ -84,6 +92,12 @@ def mean_sample_kb(shards: Path) -> float:
     return size / samples / 1e3
 
 
+def format_hours(hours: float) -> str:
+    """A run's length in hours, the unit GPU jobs are booked in; days beside them past 48 h."""
+    text = f"{hours:,.1f} h"
+    return f"{text} ({hours / 24:,.1f} days)" if hours > 48 else text
+
+
 def plan(a: argparse.Namespace) -> list[Row]:
     """The table's rows for the parsed arguments."""
     args = resolve_args(a.model, img_size=a.img_size, num_classes=a.num_classes)
@@ -98,7 +112,7 @@ def plan(a: argparse.Namespace) -> list[Row]:
         Row("training FLOPs per image", f"{flops / 1e9:,.1f} GFLOP", "derived: train_flops_per_image (fwd + bwd)"),
         Row("images to process", f"{images / 1e9:,.3f} B", f"given: {a.samples} samples x {a.epochs} epochs"),
         Row(f"images/s per {gpu}", f"{img_s_gpu:,.0f}", mfu_src + " (bench_gpu has not run yet)"),
-        Row(f"time on {a.gpus} x {gpu}", f"{images / (img_s_gpu * a.gpus) / 86400:,.2f} days", "derived"),
+        Row(f"time on {a.gpus} x {gpu}", format_hours(images / (img_s_gpu * a.gpus) / 3600), "derived"),
     ]
     if a.days:
         need = images / (a.days * 86400) / a.gpus
@@ -137,6 +151,7 @@ def plan(a: argparse.Namespace) -> list[Row]:
                     "both checked on CPU (BENCHMARKS.md)",
                 )
             )
+    rows.append(fewshot_row(a, args, gpu, img_s_gpu))
     ckpt_gb = CHECKPOINT_BYTES_PER_PARAM * n / 1e9
     rows.append(Row("checkpoint size", f"{ckpt_gb:,.1f} GB", "derived: 14 B/param (bf16 weights + fp32 Adam)"))
     rows.append(
@@ -155,6 +170,25 @@ def worker_memory_row(workers: int, buffer: int, kb: float) -> Row:
     gib = workers * (WORKER_GIB + buffer * kb * 1e3 / 2**30)
     src = f"derived: {workers} workers (the decode cores) x ({WORKER_GIB} GiB, {WORKER_SOURCE}; + {buffer:,} samples)"
     return Row("loader workers' host memory per GPU", f"{gib:,.1f} GiB", src)
+
+
+def fewshot_row(a: argparse.Namespace, args: ViTArgs, gpu: str, img_s_gpu: float) -> Row:
+    """Share of training time one few-shot evaluation every `--fewshot-every` steps takes (pretrain.fewshot)."""
+    images = sum(c * max(FEWSHOT_SHOTS) + t for c, t in FEWSHOT_SETS)
+    forward = images / (3 * img_s_gpu * a.gpus)  # forward only: a third of a training image's FLOPs
+    decode = images / (DECODE_IMG_S_PER_CORE * DECODE_THREADS * a.gpus)
+    width = args.representation_size or args.embed_dim
+    flops = sum(fit_flops(c, FEWSHOT_SHOTS, width, t) for c, t in FEWSHOT_SETS)
+    fit = flops / (PEAK_FP64_FLOPS[gpu] * FP64_EFFICIENCY)
+    each = forward + decode + fit
+    share = each / (a.fewshot_every * a.batch / (img_s_gpu * a.gpus))
+    return Row(
+        f"few-shot evaluation every {a.fewshot_every:,} steps ({images:,} images)",
+        f"{each:,.1f} s each, {share:.2%} of training time",
+        f"derived: forward at the MFU above + decode on {DECODE_THREADS} threads per GPU at {DECODE_IMG_S_PER_CORE:g} "
+        f"img/s + {flops / 1e9:,.0f} GFLOP fp64 fit at an assumed {FP64_EFFICIENCY:.0%} of {gpu} FP64 peak "
+        "(ImageNet-1k, CIFAR-100, Pets at 1-25 shots; BENCHMARKS.md)",
+    )
 
 
 def format_table(rows: list[Row]) -> str:
@@ -181,6 +215,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample-kb", type=float, default=110.0, help="mean sample size without --shards (kB)")
     p.add_argument("--write-gb-s", type=float, default=2.0, help="checkpoint write bandwidth, GB/s")
     p.add_argument("--shuffle-buffer", type=int, default=DataConfig.shuffle_buffer, help="data.shuffle_buffer")
+    p.add_argument("--fewshot-every", type=int, default=5000, help="few-shot evaluation interval in steps")
     return p.parse_args(argv)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pretrain.models.vit import create_vit, resolve_args, train_flops_per_image
-from pretrain.plan import main, param_count, parse_args, plan
+from pretrain.plan import format_hours, main, param_count, parse_args, plan
 
 
 def rows(argv: list[str]) -> dict[str, tuple[str, str]]:
@@ -24,8 +24,19 @@ def test_parameters_and_flops_are_the_models(model):
     flops = train_flops_per_image(net.args)
     assert r["training FLOPs per image"][0] == f"{flops / 1e9:,.1f} GFLOP"
     # time = images / (MFU x peak / FLOPs per image x GPUs), H100 by default
-    days = 1e6 / (0.35 * 989e12 / flops * 8) / 86400
-    assert r["time on 8 x H100"][0] == f"{days:,.2f} days"
+    hours = 1e6 / (0.35 * 989e12 / flops * 8) / 3600
+    assert r["time on 8 x H100"][0] == f"{hours:,.1f} h"
+
+
+def test_time_is_in_hours_with_days_beside_them_past_48_hours():
+    assert format_hours(6.04) == "6.0 h"
+    assert format_hours(48.0) == "48.0 h"
+    assert format_hours(129.6) == "129.6 h (5.4 days)"
+    argv = ["--model", "vit_huge_patch14", "--samples", "14.2M", "--epochs", "90", "--gpus", "8"]
+    flops = train_flops_per_image(resolve_args("vit_huge_patch14", num_classes=21843, img_size=224))
+    hours = 14.2e6 * 90 / (0.35 * 989e12 / flops * 8) / 3600
+    assert hours > 48
+    assert rows(argv)["time on 8 x H100"][0] == f"{hours:,.1f} h ({hours / 24:,.1f} days)"
 
 
 def test_every_figure_names_its_source_and_the_table_prints(capsys):

@@ -191,7 +191,8 @@ def fake_launch(tmp_path: Path, stop_timeout: float, *rank_args: str, nproc: int
     """Node 1 of 2 with `nproc` stand-in ranks; returns once every rank has set its signal handlers."""
     ready = tmp_path / "ready"
     ready.mkdir()
-    launcher = [sys.executable, "-m", "pretrain.launch", f"--nproc-per-node={nproc}", "--nnodes=2", "--node-rank=1"]
+    launcher = [sys.executable, "-m", "pretrain.launch", f"--nproc-per-node={nproc}", "--nnodes=2", "--node-rank=1",
+                f"--master-port={free_port()}"]  # fmt: skip
     cmd = [*launcher, "--module=tests.helpers.fake_rank", f"--stop-timeout={stop_timeout}", "--", *rank_args]
     cmd.append(str(ready))
     proc = start(cmd, tmp_path / "launch.log")

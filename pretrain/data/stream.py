@@ -51,8 +51,8 @@ class StreamSpec:
 
     @classmethod
     def of(cls, cfg: DataConfig, shards: ShardList, transform: Callable, img_size: int, multilabel: bool) -> StreamSpec:
-        io = IOPolicy(timeout_s=cfg.io_timeout_s, retries=cfg.io_retries, chunk_bytes=cfg.io_chunk_bytes)
-        return cls(tuple(shards.urls), shards.counted(), transform, img_size, multilabel, cfg.max_bad_shards, io)
+        urls, lengths = tuple(shards.urls), shards.counted()
+        return cls(urls, lengths, transform, img_size, multilabel, cfg.max_bad_shards, cfg.io_policy())
 
 
 class Out(NamedTuple):

@@ -1,17 +1,17 @@
 """`make demo`: the whole pipeline on a real dataset that ships with scikit-learn, on this machine's CPU.
 
 1. `data_tools digits` + `data_tools shard`: 1,797 handwritten digits -> WebDataset shards with a held-out split.
-2. `deepspeed --num_gpus 2 --module pretrain.train` with configs/tiny_digits.yaml (ZeRO-2, bf16, gradient
+2. `python -m pretrain.launch --nproc-per-node 2` with configs/tiny_digits.yaml (ZeRO-2, bf16, gradient
    checkpointing), interrupted half-way on purpose (SIGTERM to the launcher), then resumed from its checkpoint.
 3. Prints the held-out top-1 of the finished run (10 classes: chance is 10%).
 4. Exports the run for timm, torchvision and transformers and checks their outputs equal ours.
 5. Fine-tunes the exported backbone with accelerate, against the same model trained from scratch.
+6. Few-shot linear accuracy of the pretrained backbone against the same architecture at initialisation.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import subprocess
@@ -23,8 +23,11 @@ from data_tools.digits import write_digits
 from data_tools.extras import MissingExtra, require
 from data_tools.shard import shard
 from data_tools.summary import format_summary
+from pretrain import exit_codes
 from pretrain.checkpoint_format import newest_complete
 from pretrain.demo.downstream import check_libraries, finetune_compare
+from pretrain.demo.fewshot import fewshot_step
+from pretrain.launch import wait_group_gone
 from pretrain.train.plot import plot, read_metrics
 
 CONFIG = "configs/tiny_digits.yaml"
@@ -41,22 +44,28 @@ TARGET_TOP1 = 0.80
 
 
 def launch(out: Path, shards: Path, steps: int, stop_at: int | None = None) -> int:
-    """Run training on 2 CPU ranks; with `stop_at`, interrupt the launcher once that step's checkpoint exists."""
-    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
-    port = str(29500 + os.getpid() % 1000)
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", port, "--module", "pretrain.train", "--config", CONFIG]
+    """Run training on 2 CPU ranks; with `stop_at`, interrupt the launcher once that step's checkpoint exists.
+
+    `python -m pretrain.launch` takes a free rendezvous port of its own and returns only once its ranks have saved
+    and exited; this then waits until every process of the launch (loader workers too) is gone, so the next launch
+    never meets one still holding a port or a file.
+    """
+    cmd = [sys.executable, "-m", "pretrain.launch", "--nproc-per-node", "2", "--", "--config", CONFIG]
     cmd += [f"run.output_dir={out}", f"data.train_shards={shards}", f"data.val_shards={shards}", f"train.steps={steps}"]
-    log = open(out.parent / "train.log", "a")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
-    for line in proc.stdout:
-        if line.startswith(("train step", "eval step", "resumed from", "error:")):
-            print("   ", line.rstrip(), flush=True)
-        if stop_at and (newest_complete(out / "checkpoints") or "") >= f"step_{stop_at:08d}":
-            print(f"    -- interrupting the run after its step-{stop_at} checkpoint (SIGTERM) --", flush=True)
-            os.killpg(proc.pid, signal.SIGTERM)
-            break
-    rc = proc.wait()
-    log.close()
+    cmd += [f"fewshot.sets=digits={shards}"]  # few-shot curves: shots from the train split, test on val
+    with open(out.parent / "train.log", "a") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+        interrupted = False
+        for line in proc.stdout:
+            if line.startswith(("train step", "eval step", "fewshot step", "resumed from", "preempted at", "error:")):
+                print("   ", line.rstrip(), flush=True)
+            if stop_at and not interrupted and (newest_complete(out / "checkpoints") or "") >= f"step_{stop_at:08d}":
+                print(f"    -- interrupting the run after its step-{stop_at} checkpoint (SIGTERM) --", flush=True)
+                proc.send_signal(signal.SIGTERM)  # the launcher passes it to every rank: they save and exit 75
+                interrupted = True
+        rc = proc.wait()
+    if not wait_group_gone(proc.pid):
+        print("    (processes of the launch outlived it by 2 minutes and were killed)", flush=True)
     return rc
 
 
@@ -86,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 
     half = args.steps // 2
     print(f"2. pretrain on 2 CPU ranks (ZeRO-2, bf16, checkpointing), {args.steps} steps, interrupted at {half}")
-    launch(run, shards, args.steps, stop_at=half)
+    rc = launch(run, shards, args.steps, stop_at=half)
+    if rc not in (exit_codes.OK, exit_codes.PREEMPTED):
+        print(f"error: training failed (exit code {rc}); see {out / 'train.log'}", file=sys.stderr)
+        return 1
     print("   resuming from the newest complete checkpoint (train.resume=auto)", flush=True)
     rc = launch(run, shards, args.steps)
     if rc != 0:
@@ -112,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"5. fine-tune with accelerate ({args.finetune_steps} steps): exported backbone vs the same model, scratch")
     res = finetune_compare(run, out / "exports", shards, args.finetune_steps)
     print(f"   held-out top-1: fine-tuned {res['finetuned']:.1%}, from scratch {res['scratch']:.1%}")
+    if not fewshot_step(run, out / "exports", shards):  # 6. pretrained vs initialisation, few-shot
+        return 1
     print(f"   demo took {time.time() - t0:.0f} s")
     return 0
 

@@ -11,6 +11,7 @@ Each rank streams its own shards (`pretrain.data`), trains the ViT (`pretrain.mo
     Checkpointer  save, prune, resume
     Metrics       running loss, timers, console / JSONL / TensorBoard
     Evaluator     held-out loss and accuracy, reduced over ranks
+    FewShotEvaluator  few-shot linear accuracy of the frozen features on downstream sets (`pretrain.fewshot`)
     StopRequest   SIGTERM / SIGUSR1: the ranks agree at a step boundary, save there and exit (preemption)
     Watchdog      a bound on every step, save and evaluation (a frozen or dead peer rank)
 """
@@ -24,12 +25,22 @@ from typing import Any
 
 import torch
 
+from data_tools.storage import IOPolicy, StorageError, is_remote, object_size
 from pretrain.checkpoint_format import read_meta, tag_for
 from pretrain.config import BatchPlan, Config, ConfigError, DataConfig, ModelConfig, TrainConfig, head_size, save_config
-from pretrain.data import EvalLoader, StreamState, TrainLoader, build_eval_loader, build_train_loader, resolve_shards
+from pretrain.data import (
+    EvalLoader,
+    ShardError,
+    StreamState,
+    TrainLoader,
+    build_eval_loader,
+    build_train_loader,
+    resolve_shards,
+)
 from pretrain.data.assign import Layout
 from pretrain.data.gpu_decode import require_cuda
 from pretrain.data.workers import start_server
+from pretrain.fewshot.evaluate import FewShotEvaluator
 from pretrain.models.vit import ViTArgs, resolve_args, train_flops_per_image
 from pretrain.train import faults
 from pretrain.train.checkpointer import Checkpointer, check_resumable, is_universal, resolve_resume, run_meta
@@ -53,8 +64,9 @@ def preflight(data: DataConfig, model: ModelConfig) -> tuple[int, list[str]]:
     require_cuda(data.decode)
     shards = resolve_shards(data.train_shards, data.train_split)
     shards.counted()  # the order needs every shard's sample count
+    check_readable(shards.urls[0], data.io_policy())
     if data.val_shards:
-        resolve_shards(data.val_shards, data.val_split)
+        check_readable(resolve_shards(data.val_shards, data.val_split).urls[0], data.io_policy())
     names = shards.class_names
     num_classes = head_size(model, shards.num_classes, names)
     return num_classes, names or [str(i) for i in range(num_classes)]
@@ -67,6 +79,19 @@ def check_stream_layout(meta: dict, data: DataConfig, plan: BatchPlan) -> None:
     if meta.get("stream"):
         streams = StreamState.from_dict(meta["stream"]).streams
         Layout(streams, plan.global_batch, plan.world_size, data.num_workers, plan.accum_steps)
+
+
+def check_readable(url: str, policy: IOPolicy) -> None:
+    """A store that refuses the first shard (missing bucket, unknown key, no credentials) ends the run in one line.
+
+    Raises:
+        ShardError: the store refused (a fault beyond the retries is reported as well).
+    """
+    if is_remote(url):
+        try:
+            object_size(url, policy)
+        except StorageError as e:
+            raise ShardError(f"{url} cannot be read: {e}") from None
 
 
 def model_args(model: ModelConfig, num_classes: int) -> ViTArgs:
@@ -121,6 +146,7 @@ class Trainer:
     evaluator: Evaluator
     stop: StopRequest
     watchdog: Watchdog
+    fewshot: FewShotEvaluator
 
     @property
     def parts(self) -> dict[str, Stateful]:
@@ -144,6 +170,13 @@ class Trainer:
         if target:
             check_resumable(target, args, world_size)
             check_stream_layout(read_meta(target[0] / target[1]), cfg.data, plan)
+        fewshot = FewShotEvaluator(  # resolves the few-shot sets now: a bad one fails before any collective
+            cfg.fewshot,
+            cfg.data,
+            img_size=args.img_size,
+            batch_size=cfg.train.micro_batch_size,
+            total_steps=cfg.train.steps,
+        )
 
         rank, world, device = init_distributed(cfg.train.collective_timeout_s)  # world == plan.world_size
         watchdog = Watchdog(cfg.train.collective_timeout_s, rank, world)
@@ -178,7 +211,7 @@ class Trainer:
             run_name=cfg.run.name,
         )
         evaluator = Evaluator(eval_loader, cfg.train, num_classes)
-        return cls(cfg, plan, engine, loader, state, rng, checkpointer, metrics, evaluator, stop, watchdog)
+        return cls(cfg, plan, engine, loader, state, rng, checkpointer, metrics, evaluator, stop, watchdog, fewshot)
 
     def run(self) -> dict[str, Any]:
         """Train from the newest checkpoint (or from scratch) to `train.steps`; returns the last metrics.
@@ -205,6 +238,9 @@ class Trainer:
             if self.evaluator.due(state.step) and not stop:
                 phase(f"evaluation at step {state.step}")
                 last_eval = metrics.log_eval(state.step, self.evaluator.run(engine))
+            if self.fewshot.due(state.step) and not stop:
+                phase(f"few-shot evaluation at step {state.step}")
+                metrics.log_fewshot(state.step, self.fewshot.run(engine))
             if self.checkpointer.due(state.step) or stop or overdue:
                 phase(f"checkpoint save at step {state.step}")
                 self.checkpointer.save(state.step, engine, self.parts, state.samples_seen)
@@ -213,6 +249,8 @@ class Trainer:
                 raise Preempted(state.step, str(self.checkpointer.dir / tag_for(state.step)))
         phase("final evaluation")
         last_eval = metrics.log_eval(state.step, self.evaluator.run(engine)) or last_eval
+        phase("final few-shot evaluation")
+        metrics.log_fewshot(state.step, self.fewshot.run(engine))
         self.watchdog.idle()
         metrics.close()
         return {"train": last_train, "eval": last_eval, "step": state.step}

@@ -36,4 +36,9 @@ class WandbLogger:
         self.run.log(scalars, step=step)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() returns before W&B's service process has written the run's last records to
+        # `run-*.wandb` (seen with wandb 0.31 offline); teardown waits for that process to end.
+        wandb.teardown()

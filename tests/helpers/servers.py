@@ -199,6 +199,16 @@ class MotoServer:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
+    def require_known_keys(self, on: bool = True) -> None:
+        """`on`: from now on every request must be signed with a key moto's IAM knows (else `InvalidAccessKeyId`, as
+        S3 answers an unknown key); off: any key is taken again (moto's default)."""
+        import urllib.request
+
+        url, body = f"{self.url}/moto-api/reset-auth", b"0" if on else b"inf"
+        req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+
     def upload(self, folder: Path, bucket: str, prefix: str) -> str:
         """Put every file of `folder` under s3://bucket/prefix/; returns that URL."""
         import boto3
@@ -222,3 +232,74 @@ def _creds(env: dict) -> dict:
 def environ_with(env: dict) -> dict:
     """os.environ plus `env` (for subprocesses)."""
     return {**os.environ, **env}
+
+
+class UploadProxy(_Server):
+    """Forwards every request (GET, HEAD, PUT, POST, DELETE) to `upstream` (moto); each distinct PUT / POST request
+    (method, path and query: one object, or one part of a multipart upload) is answered 503 its first
+    `fail_each_write` times (its body read, nothing forwarded). `log` holds (method, path?query, status) of every
+    request, in order: the multipart uploads are counted from it."""
+
+    def __init__(self, upstream: str, fail_each_write: int = 0):
+        self.upstream, self.fail_each_write, self.log = urlparse(upstream), fail_each_write, []
+        self.failed: dict[str, int] = {}
+        super().__init__(_UploadProxyHandler)
+
+    def parts(self, key_suffix: str = "") -> int:
+        """UploadPart requests that went through (answered 200), of keys ending in `key_suffix`."""
+        return sum(
+            1
+            for method, path, status in self.log
+            if method == "PUT" and "partNumber=" in path and status == 200 and path.split("?")[0].endswith(key_suffix)
+        )
+
+
+class _UploadProxyHandler(_Quiet):
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                        pass
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _forward(self) -> None:
+        p: UploadProxy = self.server.owner
+        body = self._body() if self.command in ("PUT", "POST", "DELETE") else b""
+        request = f"{self.command} {self.path}"
+        with p.lock:
+            fail = self.command in ("PUT", "POST") and p.failed.get(request, 0) < p.fail_each_write
+            p.failed[request] = p.failed.get(request, 0) + fail
+        if fail:
+            p.log.append((self.command, self.path, 503))
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            return
+        skip = ("host", "connection", "expect", "transfer-encoding", "content-length")
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+        headers["Content-Length"] = str(len(body))
+        conn = http.client.HTTPConnection(p.upstream.hostname, p.upstream.port, timeout=60)
+        conn.request(self.command, self.path, body=body, headers=headers)
+        r = conn.getresponse()
+        data = r.read()
+        conn.close()
+        with p.lock:
+            p.log.append((self.command, self.path, r.status))
+        self.send_response(r.status)
+        for k, v in r.getheaders():
+            if k.lower() not in ("connection", "transfer-encoding", "content-length", "date", "server"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward  # noqa: N815 - http.server's names

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from pretrain.data.decode import decode_rgb, image_size, is_jpeg
+from pretrain.data.decode import decode_crop, image_size, is_jpeg, scaled_size
 
 RATIO = (3 / 4, 4 / 3)
 """Aspect-ratio range of the Inception crop."""
@@ -73,15 +73,15 @@ def _resize_rounded(crop: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _decode_for_crop(data: bytes, w: int, h: int, box: tuple[float, float, float, float], size: int):
-    """Decode (reduced when the crop is much larger than `size`) and map the crop box to decoded pixels."""
+    """Decode the crop's pixels (reduced when the crop is much larger than `size`): the crop box mapped to decoded
+    pixels, and only the part of the JPEG it needs (`decode_crop`); returns the image and the box within it."""
     top, left, ch, cw = box
     reduce = draft_factor(cw, ch, size) if is_jpeg(data) else 1
-    img = decode_rgb(data, reduce)
-    dh, dw = img.shape[-2:]
-    if (dh, dw) != (h, w):  # draft decoded at a reduced scale
+    if reduce > 1:  # draft mode: the box in the pixels of the 1/reduce image
+        dw, dh = scaled_size(w, h, reduce)
         sy, sx = dh / h, dw / w
         top, left, ch, cw = top * sy, left * sx, max(1.0, ch * sy), max(1.0, cw * sx)
-    return img, (int(top), int(left), max(1, int(round(ch))), max(1, int(round(cw))))
+    return decode_crop(data, (int(top), int(left), max(1, int(round(ch))), max(1, int(round(cw)))), reduce)
 
 
 class TrainTransform:

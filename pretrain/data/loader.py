@@ -14,6 +14,7 @@ after an error, and at the program's exit at the latest, so a script that takes 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -67,7 +68,7 @@ class TrainLoader:
         self._counters = [_zero_counters() for _ in range(self.slots)]
         self._base = {"bad_samples": 0, "bad_shards": 0}
         self._wait, self._images, self._t0 = 0.0, 0, time.perf_counter()
-        self._io = [{"io_retries": 0, "io_bytes": 0} for _ in range(self.slots)]  # per worker process, cumulative
+        self._io = [{"io_retries": 0, "io_bytes": 0, "decode": {}} for _ in range(self.slots)]  # per worker, cumulative
         self._io_bytes0 = 0
 
     def _new_epoch_workers(self) -> None:
@@ -141,7 +142,7 @@ class TrainLoader:
         w = meta["worker"]
         self._k += 1
         self._workers[w] = {"watermark": meta["watermark"], "raw": meta["raw"], "buffer": meta["buffer"]}
-        self._io[w] = {"io_retries": meta["io_retries"], "io_bytes": meta["io_bytes"]}
+        self._io[w] = {"io_retries": meta["io_retries"], "io_bytes": meta["io_bytes"], "decode": meta["decode"]}
         self._counters[w] = {k: meta[k] for k in ("bad_samples", "bad_shards", "last_bad_shard")}
         bad = self._base["bad_shards"] + sum(c["bad_shards"] for c in self._counters)
         if bad > self.spec.max_bad_shards:
@@ -152,15 +153,21 @@ class TrainLoader:
 
     def stats(self, reset: bool = True) -> dict:
         """images_per_s, data_wait_fraction (time spent waiting in next() / wall time) and storage_bytes_per_s
-        (remote reads) since the last reset; the bad-data counts and io_retries (remote faults retried) so far."""
+        (remote reads) since the last reset; the bad-data counts, io_retries (remote faults retried), region_decodes
+        and decode_fallbacks ({reason: images decoded whole}, `data_tools.decode.FALLBACKS`) so far."""
         now = time.perf_counter()
         dt = max(now - self._t0, 1e-9)
         io_bytes = sum(x["io_bytes"] for x in self._io)
+        decode = Counter()
+        for x in self._io:
+            decode.update(x["decode"])
         out = {
             "images_per_s": self._images / dt,
             "data_wait_fraction": min(1.0, self._wait / dt),
             "storage_bytes_per_s": (io_bytes - self._io_bytes0) / dt,
             "io_retries": sum(x["io_retries"] for x in self._io),
+            "region_decodes": decode.pop("region", 0),
+            "decode_fallbacks": dict(sorted(decode.items())),
             **self.bad_counts(),
         }
         if reset:

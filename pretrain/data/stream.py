@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data_tools.decode import decode_stats
 from data_tools.storage import IO_STATS, IOPolicy
 from pretrain.data.positions import batches_per_rank, epoch_offsets, mix, slot_range, virtual_runs, worker_quotas
 from pretrain.data.resampled import ShardDraws, set_rng_state
@@ -285,5 +286,5 @@ class TrainStream(IterableDataset):
 
 
 def _io() -> dict:
-    """This process's remote-read totals (cumulative), reported with every batch."""
-    return {"io_retries": IO_STATS.retries, "io_bytes": IO_STATS.bytes_read}
+    """This process's remote-read totals and decode outcomes (cumulative), reported with every batch."""
+    return {"io_retries": IO_STATS.retries, "io_bytes": IO_STATS.bytes_read, "decode": dict(decode_stats())}

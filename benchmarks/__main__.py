@@ -1,6 +1,6 @@
 """The benchmark suite: every benchmark, each against a baseline measured in the same run, as one table.
 
-    python -m benchmarks [--quick] [--only NAME[,NAME...]] [--json OUT]
+    python -m benchmarks [--quick] [--only NAME[,NAME...]] [--images photo|i21k|large] [--json OUT]
 
 Every row is {name, metric, ours, baseline, unit, ratio, target} with ratio = ours / baseline in the row's unit
 (so for images/s higher is better, for seconds and MiB lower is better; `target` says which). The machine
@@ -97,10 +97,35 @@ def _loader_rows(r: dict) -> list[dict]:
             ">= 0.9",
         )
     )
+    rows += _peer_rows(r)
     res = r["resume_90"]
     for what, unit in (("mb", "MB"), ("s", "s")):
         metric = f"resume at 90% over HTTP: {unit} until the first batch, buffer refill vs replay"
         rows.append(_row("loader", metric, res[f"buffer_{what}"], res[f"replay_{what}"], unit, "lower"))
+    return rows
+
+
+# The loader's peer sides (benchmarks/peers.py): what the row compares the stream with, and the target (issue 24:
+# >= 1.8x webdataset's pipeline; issue 27: >= 1.0x full decode-only, >= 2.5x webdataset with its fastest decoder).
+PEER_ROWS = {
+    "decode_only": ("full decode_jpeg only", ">= 1.0"),
+    "webdataset": ("webdataset .decode('pil') + v2", ">= 1.8"),
+    "webdataset_decode_jpeg": ("webdataset decode_jpeg handler + v2", ">= 2.5"),
+    "mds": ("MosaicML Streaming (MDS) + v2", "higher"),
+    "litdata": ("litdata + v2", "higher"),
+}
+
+
+def _peer_rows(r: dict) -> list[dict]:
+    p = r["peers"]
+    rates, where = p["img_per_cpu_s"], f"{r['image_set']} images, 1 worker, batch {p['batch_size']}"
+    rows = []
+    for side, (what, target) in PEER_ROWS.items():
+        if side in p["skipped"]:
+            rows.append(_row("loader", f"stream vs {what}: {p['skipped'][side]}", None, None, "images/CPU-s"))
+        else:
+            metric = f"stream vs {what} ({where}, per_cpu_s)"
+            rows.append(_row("loader", metric, rates["stream"], rates[side], "images/CPU-s", target))
     return rows
 
 
@@ -223,15 +248,19 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_suite(names: list[str], quick: bool) -> dict:
-    """Run the named benchmarks in order; a failure becomes an error row and the next benchmark still runs."""
+def run_suite(names: list[str], quick: bool, images: str = "photo") -> dict:
+    """Run the named benchmarks in order; a failure becomes an error row and the next benchmark still runs.
+
+    `images` is the loader benchmark's image set (`bench_loader.IMAGE_SETS`).
+    """
     out: dict = {"quick": quick, "machine": describe(), "rows": [], "results": {}, "seconds": {}, "errors": {}}
     for name in names:
         module, to_rows = REGISTRY[name]
-        print(f"[{name}] running {module}.run(quick={quick}) ...", file=sys.stderr, flush=True)
+        options = {"quick": quick, **({"images": images} if name == "loader" else {})}
+        print(f"[{name}] running {module}.run({options}) ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
         try:
-            result = importlib.import_module(module).run(quick=quick)
+            result = importlib.import_module(module).run(**options)
             rows = to_rows(result)
         except Exception as e:  # noqa: BLE001 - one broken benchmark must not hide the others' figures
             traceback.print_exc()
@@ -260,6 +289,8 @@ def _parse_only(values: list[str] | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the suite, print the machine and the table, write --json; exit 1 if a benchmark failed."""
+    from benchmarks.bench_loader import IMAGE_SETS
+
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small inputs: a few minutes on 2 CPU cores (CI smoke test)")
     p.add_argument(
@@ -268,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help=f"run only these (comma-separated or repeated): {', '.join(REGISTRY)}",
     )
+    p.add_argument(
+        "--images",
+        choices=list(IMAGE_SETS),
+        default="photo",
+        help="loader: its image set, " + "; ".join(f"{k} {w}x{h}" for k, (w, h) in IMAGE_SETS.items()),
+    )
     p.add_argument("--json", metavar="OUT", help="also write machine, rows and raw results to this JSON file")
     args = p.parse_args(argv)
     try:
@@ -275,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"benchmarks: {e}", file=sys.stderr)
         return 2
-    res = run_suite(names, quick=args.quick)
+    res = run_suite(names, quick=args.quick, images=args.images)
     print(f"\nmachine: {one_line(res['machine'])}")
     print(f"command: python -m benchmarks {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     print("ratio = ours / baseline, both measured in this run; target says which way is better\n")

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from data_tools.fsutil import atomic_write
+from pretrain.fewshot.spec import parse_sets, parse_shots
 from pretrain.models.specs import VARIANTS
 from pretrain.typed_config import ConfigError, Section, build_dataclass, in_range, plain
 
@@ -286,6 +287,31 @@ class LogConfig(Section):
 
 
 @dataclass
+class FewshotConfig(Section):
+    """Few-shot linear evaluation of the frozen backbone during training (`pretrain.fewshot`); off while `sets` is
+    empty."""
+
+    sets: str = ""
+    """Downstream sets `NAME=TRAIN[@SPLIT][|TEST[@SPLIT]]`, separated by spaces (shard folders / URLs from
+    `data_tools shard`, or image folders; `pretrain.fewshot.spec`); empty: off."""
+    shots: str = "1,5,10,25"
+    """Images per class the linear fit sees, comma-separated, ascending."""
+    every_steps: int = 0
+    """Evaluate every N steps (0: only at the end); always at the end of the run."""
+    seed: int = 0
+    """Seed of the k-shot draw: the same shots at every evaluation, on every layout and after a resume."""
+    max_train_images: int = 65_000
+    """Shots are drawn from the first N images of a train split (labels read once per launch); 0: all of it."""
+    max_test_images: int = 10_000
+    """Test images per set: the first N of the test split in shard order; 0: all of it."""
+
+    def check(self, name: str) -> None:
+        parse_sets(self.sets)
+        parse_shots(self.shots)
+        in_range(self, name, ">= 0", "every_steps", "max_train_images", "max_test_images")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -296,6 +322,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
 
     def __post_init__(self) -> None:
         """Every section's own rules, then the rules across sections: an invalid Config is never built."""

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pretrain.fewshot.ridge import fit_flops
 from pretrain.models.specs import UnknownModelError, ViTArgs, resolve_args
 from pretrain.models.vit import param_shapes, train_flops_per_image
 from pretrain.train.metrics import PEAK_BF16_FLOPS
@@ -27,6 +28,13 @@ GPU_MEMORY_GIB = {"A100": 80, "H100": 80, "H200": 141}
 DECODE_IMG_S_PER_CORE = 422.5
 DECODE_SOURCE = "measured: bench_loader --full, images/CPU-s, 2-core Xeon test machine"
 CHECKPOINT_BYTES_PER_PARAM = 14  # bf16 weights (2) + fp32 master, Adam momentum and variance (12)
+# Few-shot evaluation as the i21k recipes' commented example: (classes, test images) of ImageNet-1k, CIFAR-100, Pets
+# at 1, 5, 10, 25 shots; the fit runs in float64 on rank 0's GPU (dense FP64 tensor-core peaks, NVIDIA data sheets).
+FEWSHOT_SETS = ((1000, 10_000), (100, 10_000), (37, 3_669))
+FEWSHOT_SHOTS = (1, 5, 10, 25)
+PEAK_FP64_FLOPS = {"A100": 19.5e12, "H100": 67e12, "H200": 67e12}
+FP64_EFFICIENCY = 0.25  # assumed: eigendecompositions of ~1k x 1k matrices run far below peak
+DECODE_THREADS = 10  # the recipes' data.num_workers: the decoding threads of a rank during few-shot evaluation
 
 
 class PlanError(ValueError):
@@ -140,6 +148,7 @@ def plan(a: argparse.Namespace) -> list[Row]:
                     "both checked on CPU (BENCHMARKS.md)",
                 )
             )
+    rows.append(fewshot_row(a, args, gpu, img_s_gpu))
     ckpt_gb = CHECKPOINT_BYTES_PER_PARAM * n / 1e9
     rows.append(Row("checkpoint size", f"{ckpt_gb:,.1f} GB", "derived: 14 B/param (bf16 weights + fp32 Adam)"))
     rows.append(
@@ -150,6 +159,25 @@ def plan(a: argparse.Namespace) -> list[Row]:
         )
     )
     return rows
+
+
+def fewshot_row(a: argparse.Namespace, args: ViTArgs, gpu: str, img_s_gpu: float) -> Row:
+    """Share of training time one few-shot evaluation every `--fewshot-every` steps takes (pretrain.fewshot)."""
+    images = sum(c * max(FEWSHOT_SHOTS) + t for c, t in FEWSHOT_SETS)
+    forward = images / (3 * img_s_gpu * a.gpus)  # forward only: a third of a training image's FLOPs
+    decode = images / (DECODE_IMG_S_PER_CORE * DECODE_THREADS * a.gpus)
+    width = args.representation_size or args.embed_dim
+    flops = sum(fit_flops(c, FEWSHOT_SHOTS, width, t) for c, t in FEWSHOT_SETS)
+    fit = flops / (PEAK_FP64_FLOPS[gpu] * FP64_EFFICIENCY)
+    each = forward + decode + fit
+    share = each / (a.fewshot_every * a.batch / (img_s_gpu * a.gpus))
+    return Row(
+        f"few-shot evaluation every {a.fewshot_every:,} steps ({images:,} images)",
+        f"{each:,.1f} s each, {share:.2%} of training time",
+        f"derived: forward at the MFU above + decode on {DECODE_THREADS} threads per GPU at {DECODE_IMG_S_PER_CORE:g} "
+        f"img/s + {flops / 1e9:,.0f} GFLOP fp64 fit at an assumed {FP64_EFFICIENCY:.0%} of {gpu} FP64 peak "
+        "(ImageNet-1k, CIFAR-100, Pets at 1-25 shots; BENCHMARKS.md)",
+    )
 
 
 def format_table(rows: list[Row]) -> str:
@@ -175,6 +203,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shards", type=Path, help="shard folder: its mean sample size")
     p.add_argument("--sample-kb", type=float, default=110.0, help="mean sample size without --shards (kB)")
     p.add_argument("--write-gb-s", type=float, default=2.0, help="checkpoint write bandwidth, GB/s")
+    p.add_argument("--fewshot-every", type=int, default=5000, help="few-shot evaluation interval in steps")
     return p.parse_args(argv)
 
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from benchmarks import bench_gpu, gpu_measure
-from benchmarks.__main__ import format_table, main
+from benchmarks import bench_gpu, bench_loader, gpu_measure, peers
+from benchmarks.__main__ import PEER_ROWS, _peer_rows, format_table, main
 from pretrain.models.vit import resolve_args, train_flops_per_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,4 +223,84 @@ def test_quick_suite_runs_and_ratios_are_numbers(tmp_path):
         assert set(r) == ROW_KEYS
         if r["name"] == "gpu" and r["metric"] == bench_gpu.SKIPPED:
             continue
+        if r["name"] == "loader" and ": skipped: " in r["metric"]:  # a peer whose package is not installed
+            continue
         assert isinstance(r["ratio"], float) and math.isfinite(r["ratio"]) and r["ratio"] > 0, r
+
+
+# ------------------------------------------------------------------------------------------ loader peers
+
+
+def _burn_and_report(q, done) -> None:
+    start = time.process_time()
+    while time.process_time() - start < 0.2:
+        pass
+    q.put(time.process_time())
+    done.wait()
+
+
+def test_cpu_seconds_counts_live_and_reaped_workers():
+    # A forked worker burns CPU and reports its own CPU time; the parent's figure must include it, while the worker
+    # lives and after it was reaped (relations between two clocks, not a timing threshold).
+    ctx = multiprocessing.get_context("fork")
+    q, done = ctx.Queue(), ctx.Event()
+    before = peers.cpu_seconds()
+    child = ctx.Process(target=_burn_and_report, args=(q, done))
+    child.start()
+    child_cpu = q.get(timeout=60)
+    live = peers.cpu_seconds() - before
+    done.set()
+    child.join(timeout=60)
+    reaped = peers.cpu_seconds() - before
+    tick = 0.02  # two clock ticks of /proc's accounting
+    assert live >= child_cpu - tick and reaped >= child_cpu - tick, (child_cpu, live, reaped)
+
+
+def test_peer_side_without_its_package_is_skipped_with_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "litdata" else real(name, *a))
+    assert peers.missing("litdata") == "skipped: pip install '.[bench]'"
+    assert peers.missing("webdataset") is None  # a core dependency
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "zstd" else real(name, *a))
+    assert peers.missing("mds") == f"skipped: {peers.MDS_INSTALL}"  # Streaming present or not, it cannot import
+
+
+def test_peer_rows_give_the_stream_over_each_peer_and_say_why_one_is_skipped():
+    rates = {"stream": 800.0, "decode_only": 1000.0, "webdataset": 400.0, "webdataset_decode_jpeg": 500.0}
+    result = {
+        "image_set": "i21k",
+        "peers": {"batch_size": 64, "img_per_cpu_s": {**rates, "litdata": 320.0}, "skipped": {"mds": "skipped: X"}},
+    }
+    rows = dict(zip(PEER_ROWS, _peer_rows(result), strict=True))  # one row per side, in PEER_ROWS' order
+    assert all(set(r) == ROW_KEYS and r["metric"].startswith(f"stream vs {PEER_ROWS[k][0]}") for k, r in rows.items())
+    assert rows["mds"]["ratio"] is None and rows["mds"]["metric"].endswith(": skipped: X")
+    for side in ("decode_only", "webdataset", "webdataset_decode_jpeg", "litdata"):
+        r = rows[side]
+        assert r["ours"] == 800.0 and r["ratio"] == pytest.approx(800.0 / result["peers"]["img_per_cpu_s"][side])
+        assert "i21k images, 1 worker, batch 64" in r["metric"]
+
+
+@pytest.mark.parametrize("kind", ["i21k", "large"])
+def test_image_sets_have_their_size_and_are_deterministic(tmp_path, kind):
+    a = bench_loader.write_images(kind, tmp_path / "a", classes=1, per_class=2)
+    b = bench_loader.write_images(kind, tmp_path / "b", classes=1, per_class=2)
+    files = sorted(a.rglob("*.jpg"))
+    assert [f.read_bytes() for f in files] == [f.read_bytes() for f in sorted(b.rglob("*.jpg"))] and len(files) == 2
+    for f in files:
+        with Image.open(f) as im:
+            assert im.format == "JPEG" and sorted(im.size) == sorted(bench_loader.IMAGE_SETS[kind])
+    assert not (tmp_path / "a-tiles").exists()
+
+
+def test_loader_peer_rows_run_on_a_handful_of_images():
+    """Quick mode of the peer comparison: every side installed here gives a positive rate, the others a reason."""
+    r = bench_loader.run_peers(images="photo", classes=2, per_class=32, n_batches=3, repeats=1)
+    assert set(r["img_per_cpu_s"]) | set(r["skipped"]) == {"stream", "decode_only", *peers.PACKAGES}
+    assert not set(r["img_per_cpu_s"]) & set(r["skipped"])
+    for side in peers.PACKAGES:
+        assert (side in r["skipped"]) == (peers.missing(side) is not None)
+    assert {"stream", "decode_only", "webdataset", "webdataset_decode_jpeg"} <= set(r["img_per_cpu_s"])  # core deps
+    assert all(v > 0 and math.isfinite(v) for v in r["img_per_cpu_s"].values())
+    assert all(r["ratio_stream_vs"][k] > 0 for k in r["img_per_cpu_s"] if k != "stream")
+    rows = _peer_rows({"image_set": r["image_set"], "peers": r})
+    assert sum(x["ratio"] is not None for x in rows) == len(r["img_per_cpu_s"]) - 1

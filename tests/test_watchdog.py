@@ -39,7 +39,10 @@ def test_without_rendezvous_variables_the_line_says_the_rank_is_unknown(monkeypa
     )  # before: "rank 0 froze or died", a wrong accusation
 
 
-def test_a_store_that_does_not_answer_is_rank_0(monkeypatch):
+def test_a_store_that_does_not_answer_names_its_host(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))  # nothing listens there
-    assert "rank 0 froze or died" in Watchdog(0, rank=1, world_size=2).silent_ranks()
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)  # deepspeed's launch: rank 0 hosts the store
+    assert "its host, rank 0, froze or died" in Watchdog(0, rank=1, world_size=2).silent_ranks()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # pretrain.launch / torchrun: the launcher hosts it
+    assert "its host, the first node's launcher, froze or died" in Watchdog(0, rank=1, world_size=2).silent_ranks()

@@ -6,6 +6,7 @@
 3. Prints the held-out top-1 of the finished run (10 classes: chance is 10%).
 4. Exports the run for timm, torchvision and transformers and checks their outputs equal ours.
 5. Fine-tunes the exported backbone with accelerate, against the same model trained from scratch.
+6. Few-shot linear accuracy of the pretrained backbone against the same architecture at initialisation.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from data_tools.summary import format_summary
 from pretrain import exit_codes
 from pretrain.checkpoint_format import newest_complete
 from pretrain.demo.downstream import check_libraries, finetune_compare
+from pretrain.demo.fewshot import fewshot_step
 from pretrain.launch import wait_group_gone
 from pretrain.train.plot import plot, read_metrics
 
@@ -50,11 +52,12 @@ def launch(out: Path, shards: Path, steps: int, stop_at: int | None = None) -> i
     """
     cmd = [sys.executable, "-m", "pretrain.launch", "--nproc-per-node", "2", "--", "--config", CONFIG]
     cmd += [f"run.output_dir={out}", f"data.train_shards={shards}", f"data.val_shards={shards}", f"train.steps={steps}"]
+    cmd += [f"fewshot.sets=digits={shards}"]  # few-shot curves: shots from the train split, test on val
     with open(out.parent / "train.log", "a") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
         interrupted = False
         for line in proc.stdout:
-            if line.startswith(("train step", "eval step", "resumed from", "preempted at", "error:")):
+            if line.startswith(("train step", "eval step", "fewshot step", "resumed from", "preempted at", "error:")):
                 print("   ", line.rstrip(), flush=True)
             if stop_at and not interrupted and (newest_complete(out / "checkpoints") or "") >= f"step_{stop_at:08d}":
                 print(f"    -- interrupting the run after its step-{stop_at} checkpoint (SIGTERM) --", flush=True)
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"5. fine-tune with accelerate ({args.finetune_steps} steps): exported backbone vs the same model, scratch")
     res = finetune_compare(run, out / "exports", shards, args.finetune_steps)
     print(f"   held-out top-1: fine-tuned {res['finetuned']:.1%}, from scratch {res['scratch']:.1%}")
+    if not fewshot_step(run, out / "exports", shards):  # 6. pretrained vs initialisation, few-shot
+        return 1
     print(f"   demo took {time.time() - t0:.0f} s")
     return 0
 

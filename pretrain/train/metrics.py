@@ -145,6 +145,12 @@ class Metrics:
             self.write(step, values, kind="eval")
         return values
 
+    def log_fewshot(self, step: int, values: dict[str, Any]) -> dict[str, Any]:
+        """Log few-shot accuracies (`fewshot/<set>/<k>shot`; none when few-shot evaluation is off); returns them."""
+        if values:
+            self.write(step, values, kind="fewshot")
+        return values
+
     def write(self, step: int, values: dict[str, Any], kind: str = "train") -> None:
         if self.jsonl is None:
             return
@@ -187,6 +193,9 @@ def format_line(kind: str, step: int, v: dict[str, Any]) -> str:
         "decode_fallbacks": "decode fallbacks {}",
         "eta_s": "ETA {}",
     }
+    parts += [f"{key} {val:.1%}" for key, val in v.items() if key.endswith("shot")]  # few-shot: `<set>/<k>shot`
+    if "time_s" in v:
+        parts.append(f"{v['time_s']:.1f} s")
     for key, f in fmt.items():
         if key not in v:
             continue

@@ -1,5 +1,5 @@
-"""Draw a run's loss, learning-rate and throughput curves to a PNG: `vit-plot RUN_DIR [--out F]` (or
-`python -m pretrain.train.plot`; matplotlib comes with the `train` extra)."""
+"""Draw a run's loss, learning-rate, throughput and few-shot accuracy curves to a PNG: `vit-plot RUN_DIR [--out F]`
+(or `python -m pretrain.train.plot`; matplotlib comes with the `train` extra)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,26 @@ from pathlib import Path
 from data_tools.extras import MissingExtra, require
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Train and eval rows of `metrics.jsonl`; a step logged twice (before a crash and after resume) keeps the last."""
+def read_rows(run_dir: Path, kind: str) -> list[dict]:
+    """Rows of one kind (`train`, `eval`, `fewshot`) of `metrics.jsonl` by step; a step logged twice (before a crash
+    and after resume) keeps the last."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    by_kind: dict[str, dict[int, dict]] = {"train": {}, "eval": {}}
-    for r in rows:
-        by_kind.setdefault(r["kind"], {})[r["step"]] = r
-    return [by_kind["train"][s] for s in sorted(by_kind["train"])], [
-        by_kind["eval"][s] for s in sorted(by_kind["eval"])
-    ]
+    by_step = {r["step"]: r for r in rows if r["kind"] == kind}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Train and eval rows of `metrics.jsonl` (`read_rows`)."""
+    return read_rows(run_dir, "train"), read_rows(run_dir, "eval")
+
+
+def plot_fewshot(ax, rows: list[dict]) -> None:
+    """Few-shot accuracy curves: one line per `<set>/<k>shot`."""
+    for key in sorted({k for r in rows for k in r if k.endswith("shot")}, key=lambda k: (k.split("/")[0], len(k), k)):
+        have = [r for r in rows if key in r]
+        ax.plot([r["step"] for r in have], [100 * r[key] for r in have], "o-", label=key)
+    ax.set(title="few-shot linear accuracy (%)", xlabel="step")
+    ax.legend(fontsize="small")
 
 
 def plot(run_dir: Path, out: Path) -> Path:
@@ -29,7 +40,8 @@ def plot(run_dir: Path, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     train, evals = read_metrics(run_dir)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fewshot = read_rows(run_dir, "fewshot")
+    fig, axes = plt.subplots(1, 4 if fewshot else 3, figsize=(20 if fewshot else 15, 4))
     steps = [r["step"] for r in train]
     axes[0].plot(steps, [r["loss"] for r in train], label="train")
     if evals:
@@ -40,6 +52,8 @@ def plot(run_dir: Path, out: Path) -> Path:
     axes[1].set(title="learning rate", xlabel="step")
     axes[2].plot(steps, [r["images_per_s"] for r in train])
     axes[2].set(title="throughput (images/s, all ranks)", xlabel="step")
+    if fewshot:
+        plot_fewshot(axes[3], fewshot)
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     fig.savefig(out, dpi=100)

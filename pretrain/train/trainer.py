@@ -10,6 +10,7 @@ Each rank streams its own shards (`pretrain.data`), trains the ViT (`pretrain.mo
     Checkpointer  save, prune, resume
     Metrics       running loss, timers, console / JSONL / TensorBoard
     Evaluator     held-out loss and accuracy, reduced over ranks
+    FewShotEvaluator  few-shot linear accuracy of the frozen features on downstream sets (`pretrain.fewshot`)
     StopRequest   SIGTERM / SIGUSR1: the ranks agree at a step boundary, save there and exit (preemption)
     Watchdog      a bound on every step, save and evaluation (a frozen or dead peer rank)
 """
@@ -29,6 +30,7 @@ from pretrain.config import BatchPlan, Config, ConfigError, DataConfig, ModelCon
 from pretrain.data import EvalLoader, ShardError, TrainLoader, build_eval_loader, build_train_loader, resolve_shards
 from pretrain.data.gpu_decode import require_cuda
 from pretrain.data.loader import io_policy
+from pretrain.fewshot.evaluate import FewShotEvaluator
 from pretrain.models.vit import ViTArgs, resolve_args, train_flops_per_image
 from pretrain.train import faults
 from pretrain.train.checkpointer import Checkpointer, check_resumable, is_universal, resolve_resume, run_meta
@@ -123,6 +125,7 @@ class Trainer:
     evaluator: Evaluator
     stop: StopRequest
     watchdog: Watchdog
+    fewshot: FewShotEvaluator
 
     @property
     def parts(self) -> dict[str, Stateful]:
@@ -143,6 +146,13 @@ class Trainer:
         args = model_args(cfg.model, num_classes)
         if target:
             check_resumable(target, args, world_size)
+        fewshot = FewShotEvaluator(  # resolves the few-shot sets now: a bad one fails before any collective
+            cfg.fewshot,
+            cfg.data,
+            img_size=args.img_size,
+            batch_size=cfg.train.micro_batch_size,
+            total_steps=cfg.train.steps,
+        )
 
         rank, world, device = init_distributed(cfg.train.collective_timeout_s)  # world == plan.world_size
         watchdog = Watchdog(cfg.train.collective_timeout_s, rank, world)
@@ -177,7 +187,7 @@ class Trainer:
             run_name=cfg.run.name,
         )
         evaluator = Evaluator(eval_loader, cfg.train, num_classes)
-        return cls(cfg, plan, engine, loader, state, rng, checkpointer, metrics, evaluator, stop, watchdog)
+        return cls(cfg, plan, engine, loader, state, rng, checkpointer, metrics, evaluator, stop, watchdog, fewshot)
 
     def run(self) -> dict[str, Any]:
         """Train from the newest checkpoint (or from scratch) to `train.steps`; returns the last metrics.
@@ -204,6 +214,9 @@ class Trainer:
             if self.evaluator.due(state.step) and not stop:
                 phase(f"evaluation at step {state.step}")
                 last_eval = metrics.log_eval(state.step, self.evaluator.run(engine))
+            if self.fewshot.due(state.step) and not stop:
+                phase(f"few-shot evaluation at step {state.step}")
+                metrics.log_fewshot(state.step, self.fewshot.run(engine))
             if self.checkpointer.due(state.step) or stop or overdue:
                 phase(f"checkpoint save at step {state.step}")
                 self.checkpointer.save(state.step, engine, self.parts, state.samples_seen)
@@ -212,6 +225,8 @@ class Trainer:
                 raise Preempted(state.step, str(self.checkpointer.dir / tag_for(state.step)))
         phase("final evaluation")
         last_eval = metrics.log_eval(state.step, self.evaluator.run(engine)) or last_eval
+        phase("final few-shot evaluation")
+        metrics.log_fewshot(state.step, self.fewshot.run(engine))
         self.watchdog.idle()
         metrics.close()
         return {"train": last_train, "eval": last_eval, "step": state.step}

@@ -7,8 +7,9 @@ a stuck filesystem) was seen to block in ZeRO's all-gather for over 15 minutes w
 lowered, and NCCL collectives are asynchronous: the wait can surface anywhere.
 
 Which rank: a thread beats a counter per rank in the rendezvous store every few seconds. When a phase expires, the
-ranks whose counter stopped are named (frozen or dead); if the store itself does not answer, it is rank 0, which
-hosts it.
+ranks whose counter stopped are named (frozen or dead); if the store itself does not answer, its host is named:
+rank 0, or the launcher of the first node where it hosts the store (`pretrain.launch`, torchrun:
+TORCHELASTIC_USE_AGENT_STORE).
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from pretrain import exit_codes
 
 class NoHeartbeats(Exception):
     """The launch gives no address of the rendezvous store (MASTER_ADDR / MASTER_PORT)."""
+
+
+def store_host() -> str:
+    """Who hosts the rendezvous store of this launch: the first node's launcher (`pretrain.launch`, torchrun) or
+    rank 0 (`deepspeed`, a plain `python -m pretrain.train`)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return "the first node's launcher"
+    return "rank 0"
 
 
 class Watchdog:
@@ -97,7 +106,7 @@ class Watchdog:
         except NoHeartbeats as e:
             return f"; which rank stopped is not known ({e})"
         except Exception:  # noqa: BLE001 - whatever the store raises, it did not answer
-            return "; rank 0 does not answer (it hosts the rendezvous store): rank 0 froze or died"
+            return f"; the rendezvous store does not answer: its host, {store_host()}, froze or died"
         silent = [str(r) for r, (b, a) in enumerate(zip(before, after, strict=True)) if a == b and r != self.rank]
         return f"; rank {', '.join(silent)} stopped responding (frozen or dead)" if silent else ""
 

@@ -15,7 +15,7 @@ per image, each figure the best of 3 runs alternating between the sides:
   decoders    the full image with `torchvision.io.decode_jpeg` and with TorchCodec's `decode_jpeg` (the replacement
               torchvision 0.29's deprecation names; skipped where torchcodec is not installed)
 
-    python -m benchmarks.bench_decode [--images photo|i21k|large] [--per-class N]
+    python -m benchmarks.bench_decode [--images photo|i21k|large] [--per-class N] [--progressive]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from benchmarks.peers import forever
@@ -140,15 +141,21 @@ def measure(photos: Path, shards: Path, repeats: int = 3) -> dict:
     return out
 
 
-def run(images: str = "photo", per_class: int = 100, repeats: int = 3) -> dict:
-    """`measure` on `4 * per_class` images of the loader benchmark's set `images` (written and sharded here)."""
+def run(images: str = "photo", per_class: int = 100, repeats: int = 3, progressive: bool = False) -> dict:
+    """`measure` on `4 * per_class` images of the loader benchmark's set `images` (written and sharded here);
+    `progressive`: each re-encoded as a progressive JPEG first (Pillow, quality 90)."""
     from benchmarks.bench_loader import IMAGE_SETS, write_images  # bench_loader imports this module
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_decode-"))
     try:
         photos = write_images(images, tmp / "photos", classes=4, per_class=per_class)
+        for f in sorted(photos.rglob("*.jpg")) if progressive else ():
+            with Image.open(f) as im:
+                im.load()
+            im.save(f, quality=90, progressive=True)
         shard(photos, tmp / "shards", workers=1, samples_per_shard=64, progress=False)
-        return {"image_set": images, "size": IMAGE_SETS[images], **measure(photos, tmp / "shards", repeats)}
+        out = {"image_set": images, "size": IMAGE_SETS[images], "progressive": progressive}
+        return {**out, **measure(photos, tmp / "shards", repeats)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -157,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", choices=["photo", "i21k", "large"], default="photo")
     p.add_argument("--per-class", type=int, default=100, help="images per class (4 classes)")
+    p.add_argument("--progressive", action="store_true", help="re-encode the images as progressive JPEGs")
     args = p.parse_args(argv)
-    print(json.dumps(run(args.images, args.per_class), indent=2))
+    print(json.dumps(run(args.images, args.per_class, progressive=args.progressive), indent=2))
     return 0
 
 

@@ -13,7 +13,9 @@ per image, each figure the best of 3 runs alternating between the sides:
               size, Pillow's draft mode below)
     resize    the antialiased crop-resize to 224 (`resized_crop`), and the flip
   decoders    the full image with `torchvision.io.decode_jpeg` and with TorchCodec's `decode_jpeg` (the replacement
-              torchvision 0.29's deprecation names; skipped where torchcodec is not installed)
+              torchvision 0.29's deprecation names; skipped where torchcodec is not installed; its pixels compared);
+              and the entropy decoding alone (`entropy_all_rows`: the region decode of the image's last row, which
+              Huffman-decodes every row and runs the IDCT on one iMCU row)
 
     python -m benchmarks.bench_decode [--images photo|i21k|large] [--per-class N] [--progressive]
 """
@@ -76,6 +78,12 @@ def _without_region(measure: Callable[[], float]) -> float:
         jpeg_region._library = library
 
 
+def _bottom_row(data: bytes) -> torch.Tensor:
+    """The last row of the image at full size: Huffman decoding of every row, the IDCT of one iMCU row."""
+    w, h = image_size(data)
+    return jpeg_region.decode_region(data, 1, (w, h), (h - 1, 0, 1, w))
+
+
 def _tv_full(data: bytes) -> torch.Tensor:
     return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
@@ -107,6 +115,7 @@ def _sides(datas: list[bytes], shards: Path) -> dict[str, Callable[[], float]]:
         "resize": lambda: _per_image_ms(lambda c: resized_crop(c[0], *c[1], IMG), crops),
         "flip": lambda: _per_image_ms(lambda o: o.flip(-1), outs),
         "torchvision_decode_jpeg_full": lambda: _per_image_ms(_tv_full, datas),
+        "entropy_all_rows": lambda: _per_image_ms(_bottom_row, datas),
     }
     if importlib.util.find_spec("torchcodec") is not None:
         from torchcodec.decoders import decode_jpeg as tc_decode_jpeg
@@ -136,6 +145,10 @@ def measure(photos: Path, shards: Path, repeats: int = 3) -> dict:
     out["stream_full_decode_vs_bare_full_decode"] = round(bare / best["stream_full_decode"], 3)
     if "torchcodec_decode_jpeg_full" not in best:
         out["torchcodec"] = "skipped: pip install torchcodec"
+    else:
+        from torchcodec.decoders import decode_jpeg as tc_decode_jpeg
+
+        out["torchcodec_same_pixels"] = all(torch.equal(tc_decode_jpeg(d), _tv_full(d)) for d in datas)
     out["decode_outcomes"] = dict(decode_stats())
     out["runs"] = {k: [round(x, 4) for x in v] for k, v in runs.items()}
     return out

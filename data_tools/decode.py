@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 MAX_PIXELS = 1 << 28
 """Larger images are refused from their header, before any pixel is decoded (a decompression-bomb guard)."""
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+EOI = b"\xff\xd9"
+"""A JPEG's end marker: `decode_crop` takes the region path only for data that ends with it."""
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 """Pillow modes of 16-bit (and 32-bit integer) images, whose values run to 65535, not 255."""
 _SOURCE_PREFIX = re.compile(r"^[\w(), ]*\S+\.(?:cpp|h):\d+, ")
@@ -45,11 +47,11 @@ FALLBACKS = ("not_jpeg", "no_eoi", *jpeg_region.REASONS.values(), "unavailable")
 full decoder judges); the region decoder's refusals (`jpeg_region.REASONS`); the region decoder not built here."""
 _STATS: dict[int, Counter[str]] = {}
 
-# torchvision 0.29 warns at every decode call that its image decoding is deprecated in favour of TorchCodec. The
-# stream keeps torchvision.io.decode_jpeg / decode_image (the full decode and the fallbacks; the region decoder is
-# libjpeg itself): TorchCodec 0.17 decodes video and audio only (docs/stream.md "Speed" has the figures and the plan).
-# When torchvision drops them, the fallbacks move to Pillow (JPEG: libjpeg-turbo as well) and nvJPEG to TorchCodec's
-# or nvImageCodec's image decoder if one exists then.
+# torchvision 0.29 warns at every decode call that its image decoding is deprecated in favour of TorchCodec. Measured
+# (docs/stream.md "Speed"): TorchCodec 0.17's decode_jpeg gives the same pixels in the same time and has no region
+# decode, so crops take our region decoder and full decodes (decode_rgb: the fallbacks, verify, the writer) and the
+# nvJPEG path keep torchvision.io. Replacement plan, when torchvision removes them: torchcodec.decoders.decode_jpeg /
+# decode_image (same call, mode="RGB") here and in pretrain/data/gpu_decode.py.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 
@@ -194,8 +196,8 @@ def decode_crop(data: bytes, box: tuple[int, int, int, int], reduce: int = 1) ->
     w, h = image_size(data)  # the bomb guard, before anything is allocated
     if not is_jpeg(data):
         why = "not_jpeg"
-    elif not data.endswith(b"\xff\xd9"):  # the region path may stop before a truncation the full decode refuses
-        why = "no_eoi"
+    elif not (data.endswith(EOI) or data.rstrip(b"\0").endswith(EOI)):  # zero padding after the marker is fine
+        why = "no_eoi"  # the region path could stop before a truncation that the full decode refuses
     else:
         try:
             img = jpeg_region.decode_region(data, reduce, scaled_size(w, h, reduce), box)

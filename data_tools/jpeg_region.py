@@ -133,6 +133,7 @@ def decode_region(data: bytes, scale: int, size: tuple[int, int], box: tuple[int
     lib = _library()
     if lib is None:
         raise Refused("unavailable")
+    data = data if isinstance(data, bytes) else bytes(data)  # ctypes passes bytes without a copy
     top, left, height, width = box
     cols = width + 2 * MARGIN + 15  # the columns decoded: the margins and the left edge's move to an iMCU boundary
     out = torch.empty(height * cols * 3, dtype=torch.uint8)

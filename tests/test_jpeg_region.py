@@ -148,16 +148,21 @@ def test_every_fallback_is_named_counted_and_gives_the_full_decoders_pixels():
     Image.fromarray(a).convert("CMYK").save(cmyk, "JPEG")
     _fallback(cmyk.getvalue(), "colorspace")
     _fallback(_sampling(_jpeg(_photo(96, 64), subsampling=2), 0x41), "sampling")  # 4:1:1
-    _fallback(_jpeg(a) + b"\0\0", "no_eoi")  # bytes after the end marker: the full decoder takes it
+    _fallback(_jpeg(a) + b"\1\2", "no_eoi")  # bytes after the end marker: the full decoder takes it
+    padded = _jpeg(a) + bytes(64)  # zero padding after the marker: the region path
+    decode_stats().clear()
+    assert torch.equal(decode_crop(padded, (1, 2, 5, 7))[0], decode_rgb(padded)[:, 1:6, 2:9])
+    assert dict(decode_stats()) == {"region": 1}
     assert set(FALLBACKS) >= {"not_jpeg", "no_eoi", "colorspace", "sampling", "refused", "size", "region"}
 
 
 def test_a_truncated_or_corrupt_jpeg_is_a_bad_image_as_before():
     data = _jpeg(_photo(96, 64))
     decode_stats().clear()
-    with pytest.raises(BadImage, match="truncated or corrupt"):
-        decode_crop(data[: len(data) // 2], (0, 0, 4, 4))  # the region path would stop before the cut
-    assert dict(decode_stats()) == {"no_eoi": 1}
+    for cut in (data[: len(data) // 2], data[: len(data) // 2] + bytes(100)):  # zero-filled as a partial download
+        with pytest.raises(BadImage, match="truncated or corrupt"):
+            decode_crop(cut, (0, 0, 4, 4))  # the region path would stop before the cut
+    assert dict(decode_stats()) == {"no_eoi": 2}
     bad_table = bytearray(data)
     dht = bad_table.find(b"\xff\xc4")
     bad_table[dht + 5 : dht + 21] = b"\xff" * 16  # Huffman code counts that overflow: libjpeg's error

@@ -133,6 +133,7 @@ def test_transforms_give_todays_images_with_and_without_the_region_decoder(monke
     assert decode_stats()["unavailable"] == len(whole)
     for a, b in zip(region, whole, strict=True):
         assert torch.equal(a, b)
+        assert a.stride() == b.stride() == (1, 3 * 64, 3)  # channels-last, as the batch is: a plain copy into it
 
 
 def _fallback(data: bytes, reason: str, box=(1, 2, 5, 7), reduce: int = 1):

@@ -57,7 +57,11 @@ def resized_crop(img: torch.Tensor, top: int, left: int, h: int, w: int, size: i
     Channels-last input takes torch's vectorised uint8 kernel: about 25% faster here than
     `torchvision.transforms.v2.functional.resized_crop` on the CHW tensor, with the same result.
     """
-    crop = img[None, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)  # (1, 3, h, w)
+    crop = img[:, top : top + h, left : left + w].permute(1, 2, 0)[None].permute(0, 3, 1, 2)  # (1, 3, h, w)
+    # Added on the HWC view, the batch dimension gets the stride of a whole image: a channels-last crop that is
+    # already dense (the region decoder's) then passes as it is, and the kernel's output is channels-last too (a
+    # plain img[None] gives that dimension a stride of 3: the output came out NCHW, and the batch copy transposed).
+    crop = crop.contiguous(memory_format=torch.channels_last)
     if crop.is_cpu:
         return torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
     return _resize_rounded(crop, size)  # on the GPU (`data.decode=gpu`)

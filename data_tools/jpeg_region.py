@@ -40,7 +40,7 @@ MARGIN = 2
 REASONS = {  # the C return codes -> the fallback's name in the counters
     1: "refused",  # libjpeg refused the data (corrupt, truncated, 12-bit, lossless, ...)
     2: "colorspace",  # CMYK, YCCK: the full decoder converts them
-    3: "sampling",  # chroma layouts other than 4:4:4, 4:2:2, 4:2:0 (and grey)
+    3: "sampling",  # chroma layouts other than 4:4:4, 4:2:2, 4:2:0, 4:4:0 (and grey)
     4: "size",  # the header disagrees with the size the caller computed
     5: "region",  # a box outside the image
 }
@@ -73,7 +73,9 @@ def _library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("JPEG region decode unavailable, every image is decoded whole: %s", str(e).splitlines()[0][:200])
+        lines = str(e).splitlines() or [type(e).__name__]
+        why = next((x for x in lines if "error" in x), lines[0])  # the compiler's first error, else the first line
+        log.warning("JPEG region decode unavailable, every image is decoded whole: %s", why.strip()[:200])
         return None
     f = lib.jr_decode
     f.restype = ctypes.c_int

@@ -98,6 +98,7 @@ def _loader_rows(r: dict) -> list[dict]:
         )
     )
     rows += _peer_rows(r)
+    rows += _per_image_rows(r)
     res = r["resume_90"]
     for what, unit in (("mb", "MB"), ("s", "s")):
         metric = f"resume at 90% over HTTP: {unit} until the first batch, buffer refill vs replay"
@@ -126,6 +127,35 @@ def _peer_rows(r: dict) -> list[dict]:
         else:
             metric = f"stream vs {what} ({where}, per_cpu_s)"
             rows.append(_row("loader", metric, rates["stream"], rates[side], "images/CPU-s", target))
+    return rows
+
+
+def _per_image_rows(r: dict) -> list[dict]:
+    """Issue 27's per-image figures (benchmarks/bench_decode.py): CPU ms per image, in-process, lower is better."""
+    p, where = r["per_image"]["ms_per_image"], f"{r['image_set']} images, in-process, per image"
+    rows = [
+        _row(
+            "loader",
+            f"region decode of the crop vs the full decode before ({where})",
+            p["decode_region"],
+            p["decode_full_before"],
+            "ms",
+            "lower",
+        ),
+        _row(
+            "loader",
+            f"stream with vs without region decode ({where})",
+            p["stream"],
+            p["stream_full_decode"],
+            "ms",
+            "lower",
+        ),
+    ]
+    if "torchcodec_decode_jpeg_full" in p:
+        metric = f"TorchCodec decode_jpeg vs torchvision.io.decode_jpeg, full image ({where})"
+        rows.append(_row("loader", metric, p["torchcodec_decode_jpeg_full"], p["torchvision_decode_jpeg_full"], "ms"))
+    else:
+        rows.append(_row("loader", f"TorchCodec decode_jpeg: {r['per_image']['torchcodec']}", None, None, "ms"))
     return rows
 
 

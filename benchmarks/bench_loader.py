@@ -20,6 +20,10 @@ Peers, same run (`benchmarks/peers.py`): this stream, decode-only and what users
 (webdataset's own pipeline, with PIL and with a decode_jpeg handler; MosaicML Streaming; litdata), all with the same
 transform, ONE worker, batch 64, in images per CPU-second of the process and its worker; best of 3 alternating.
 
+Per image, same run (`benchmarks/bench_decode.py`): where a training image's CPU time goes in the stream (header,
+region decode, crop-resize, flip, the rest), the region decode against the full decode it replaces, the stream
+in-process with and without the region decoder, and TorchCodec's decode_jpeg against torchvision's.
+
 Remote shards, same run: the stream over loopback HTTP (a Range-capable server on 127.0.0.1) against the same shards
 from local disk (images/s per worker), and a resume at 90 % of an epoch over HTTP (digits shards, 0 workers, buffer
 256): bytes served and seconds until the first batch, refilling the saved shuffle buffer by random access against
@@ -46,7 +50,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from benchmarks import peers
+from benchmarks import bench_decode, peers
 from benchmarks.peers import alternating, forever, images_per_second, loader_rate
 from data_tools.digits import write_digits, write_photos
 from data_tools.shard import shard
@@ -212,6 +216,7 @@ def run(quick: bool = True, images: str = "photo") -> dict:
         photos = write_images(images, tmp / "photos", classes=4, per_class=per_class)
         shard(photos, tmp / "shards", workers=2, samples_per_shard=64, progress=False)
         out["peers"] = _peers(photos, tmp / "shards", tmp, n_peer_batches, repeats)
+        out["per_image"] = bench_decode.measure(photos, tmp / "shards", repeats)
         for label, workers in (("per_worker", 1), ("per_cpu_s", 0)):
             best = {"imagefolder": 0.0, "stream": 0.0, "decode_only": 0.0}
             for _ in range(repeats):  # alternate, keep each side's best: load from other processes hits all sides

@@ -5,6 +5,10 @@
     to_rgb        any Pillow mode -> 8-bit RGB; 16-bit and 32-bit integer images are scaled (value / 257), not clipped
     decode_rgb    bytes -> uint8 (3, H, W) tensor: libjpeg-turbo for JPEG, libpng for PNG (16-bit scaled as above),
                   Pillow for the rest and for reduced-scale JPEG (draft mode)
+    decode_crop   bytes + box -> the box's pixels, decoding only the rows and iMCU columns it needs where the JPEG
+                  region decoder (`jpeg_region`) takes the image, else `decode_rgb` whole; same pixels either way
+    scaled_size   an image's size decoded at 1/2, 1/4 or 1/8 (libjpeg's and Pillow's rounding)
+    decode_stats  this process's region decodes and fallbacks by reason (cumulative)
 
 Every failure is a `BadImage` whose message says what the file is ("empty file", "not an image: starts with
 b'...'", "truncated or corrupt image (...)"), so a writer, `verify` and the stream name a bad file the same way.
@@ -15,11 +19,16 @@ The writer re-encodes with `open_image` + `to_rgb`, and checks the bytes it keep
 from __future__ import annotations
 
 import io
+import os
 import re
+import warnings
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from data_tools import jpeg_region
 
 if TYPE_CHECKING:
     import torch
@@ -27,10 +36,23 @@ if TYPE_CHECKING:
 MAX_PIXELS = 1 << 28
 """Larger images are refused from their header, before any pixel is decoded (a decompression-bomb guard)."""
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+EOI = b"\xff\xd9"
+"""A JPEG's end marker: `decode_crop` takes the region path only for data that ends with it."""
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 """Pillow modes of 16-bit (and 32-bit integer) images, whose values run to 65535, not 255."""
 _SOURCE_PREFIX = re.compile(r"^[\w(), ]*\S+\.(?:cpp|h):\d+, ")
 """torchvision's error messages start with the C++ source location: not the user's business."""
+FALLBACKS = ("not_jpeg", "no_eoi", *jpeg_region.REASONS.values(), "unavailable")
+"""Why `decode_crop` decoded a whole image: not a JPEG; no end marker at the end (truncated, or bytes after it: the
+full decoder judges); the region decoder's refusals (`jpeg_region.REASONS`); the region decoder not built here."""
+_STATS: dict[int, Counter[str]] = {}
+
+# torchvision 0.29 warns at every decode call that its image decoding is deprecated in favour of TorchCodec. Measured
+# (docs/stream.md "Speed"): TorchCodec 0.17's decode_jpeg gives the same pixels in the same time and has no region
+# decode, so crops take our region decoder and full decodes (decode_rgb: the fallbacks, verify, the writer) and the
+# nvJPEG path keep torchvision.io. Replacement plan, when torchvision removes them: torchcodec.decoders.decode_jpeg /
+# decode_image (same call, mode="RGB") here and in pretrain/data/gpu_decode.py.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 
 class BadSample(ValueError):
@@ -141,6 +163,50 @@ def decode_rgb(data: bytes, reduce: int = 1) -> torch.Tensor:
         raise
     except Exception as e:  # noqa: BLE001 - decoders raise RuntimeError, OSError, SyntaxError, ... on bad input
         raise BadImage(f"truncated or corrupt image ({reason(e)})") from None
+
+
+def decode_stats() -> Counter[str]:
+    """This process's `decode_crop` outcomes (cumulative): "region" and each of `FALLBACKS` that happened. Kept by
+    process id, so a forked loader worker counts from zero, not from its parent's counts."""
+    return _STATS.setdefault(os.getpid(), Counter())
+
+
+def scaled_size(w: int, h: int, reduce: int) -> tuple[int, int]:
+    """(width, height) of a w x h JPEG decoded at 1/`reduce`: rounded up, as libjpeg and Pillow's draft mode do."""
+    return -(-w // reduce), -(-h // reduce)
+
+
+def decode_crop(data: bytes, box: tuple[int, int, int, int], reduce: int = 1) -> tuple[torch.Tensor, tuple]:
+    """The pixels of `box` of an image decoded at 1/`reduce` (JPEG; other images at full size), decoding as little as
+    the region decoder allows.
+
+    Args:
+        data: encoded image.
+        box: (top, left, height, width) in the decoded image's pixels (`scaled_size`), inside it.
+        reduce: 1, 2, 4 or 8: JPEG scale, as `decode_rgb`'s draft mode.
+
+    Returns:
+        (img, (top, left, height, width)): uint8 (3, H', W') and the box within it; `img` is the box itself (box
+        (0, 0, height, width)) when the region decoder took the image, the whole decoded image otherwise. The
+        pixels are the same either way (tests/test_jpeg_region.py); `decode_stats()` counts which happened.
+
+    Raises:
+        BadImage: as `decode_rgb`.
+    """
+    w, h = image_size(data)  # the bomb guard, before anything is allocated
+    if not is_jpeg(data):
+        why = "not_jpeg"
+    elif not (data.endswith(EOI) or data.rstrip(b"\0").endswith(EOI)):  # zero padding after the marker is fine
+        why = "no_eoi"  # the region path could stop before a truncation that the full decode refuses
+    else:
+        try:
+            img = jpeg_region.decode_region(data, reduce, scaled_size(w, h, reduce), box)
+            decode_stats()["region"] += 1
+            return img, (0, 0, box[2], box[3])
+        except jpeg_region.Refused as e:
+            why = e.reason
+    decode_stats()[why] += 1
+    return decode_rgb(data, reduce), box
 
 
 def reason(e: BaseException) -> str:

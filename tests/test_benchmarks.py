@@ -304,3 +304,23 @@ def test_loader_peer_rows_run_on_a_handful_of_images():
     assert all(r["ratio_stream_vs"][k] > 0 for k in r["img_per_cpu_s"] if k != "stream")
     rows = _peer_rows({"image_set": r["image_set"], "peers": r})
     assert sum(x["ratio"] is not None for x in rows) == len(r["img_per_cpu_s"]) - 1
+
+
+# ------------------------------------------------------------------------------------------ per-image breakdown
+
+
+def test_per_image_breakdown_runs_and_gives_its_rows():
+    """benchmarks/bench_decode.py on 64 photos: every part measured, the region decoder used, one row per figure."""
+    from benchmarks import bench_decode
+    from benchmarks.__main__ import _per_image_rows
+
+    r = bench_decode.run(images="photo", per_class=16, repeats=1)
+    ms = r["ms_per_image"]
+    parts = {"stream", "stream_full_decode", "transform", "header", "decode_region", "decode_full_before", "resize"}
+    assert parts <= set(ms) and all(v > 0 and math.isfinite(v) for v in ms.values())
+    assert r["decode_outcomes"]["region"] > 0 and set(r["decode_outcomes"]) <= {"region", "unavailable"}
+    rows = _per_image_rows({"image_set": "photo", "per_image": r})
+    assert len(rows) == 3 and all(set(x) == ROW_KEYS for x in rows)
+    assert rows[0]["ratio"] == pytest.approx(ms["decode_region"] / ms["decode_full_before"])
+    if "torchcodec" in r:
+        assert rows[2]["ratio"] is None and rows[2]["metric"].endswith(": skipped: pip install torchcodec")

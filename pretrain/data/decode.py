@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import webdataset as wds
 
-from data_tools.decode import BadSample, decode_rgb, image_size, is_jpeg
+from data_tools.decode import BadSample, decode_crop, decode_rgb, image_size, is_jpeg, scaled_size
 from data_tools.format import LABEL_EXT, SAMPLE_EXTS, Grouping, LabelError, image_ext, parse_cls
 from data_tools.storage import IOPolicy, StorageError, is_remote, open_stream
 
@@ -26,12 +26,14 @@ __all__ = [  # the decoder's names are re-exported: the stream's modules take th
     "BadSample",
     "BadShard",
     "RawSample",
+    "decode_crop",
     "decode_rgb",
     "image_bytes",
     "image_size",
     "is_jpeg",
     "label_of",
     "read_shard",
+    "scaled_size",
 ]
 _ZERO_BLOCK = bytes(512)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -74,6 +75,7 @@ class TrainLoader:
         self._started, self._it, self._epoch, self._micro = False, None, state.epoch, 0
         self._counts = RankCounts()  # this rank's bad data in consumed micro-batches since the start or resume
         self._io: dict[int, list[int]] = {}  # per worker process: cumulative [retries, bytes]
+        self._decode: dict[int, dict[str, int]] = {}  # per worker process: cumulative decode outcomes
         self._wait, self._images, self._t0, self._io_bytes0 = 0.0, 0, time.perf_counter(), 0
 
     @property
@@ -143,7 +145,7 @@ class TrainLoader:
             for row, label, key in zip(p["rows"], p["label"], p["key"], strict=True):
                 labels[row], keys[row] = label, key
             self._counts = self._counts.add(p["bad_samples"], p["bad_shards"])
-            self._io[w] = p["io"]
+            self._io[w], self._decode[w] = p["io"], p["decode"]
         self._check_bad_shards(parts)
         batch = {"image": image, "label": label_tensor(labels, self.spec.multilabel), "key": keys}
         jpeg = _merged_jpegs(parts)
@@ -165,18 +167,24 @@ class TrainLoader:
 
     def stats(self, reset: bool = True) -> dict:
         """images_per_s, data_wait_fraction (time spent waiting in next() / wall time) and storage_bytes_per_s
-        (remote reads) since the last reset; the bad-data counts, io_retries (remote faults retried) and
-        workers_gib (resident memory of the workers and their fork server, PSS) now."""
+        (remote reads) since the last reset; the bad-data counts, io_retries (remote faults retried), region_decodes,
+        decode_fallbacks ({reason: images decoded whole}, `data_tools.decode.FALLBACKS`) and workers_gib (resident
+        memory of the workers and their fork server, PSS) now."""
         now = time.perf_counter()
         dt = max(now - self._t0, 1e-9)
         io_bytes = sum(x[1] for x in self._io.values())
         workers = [w.pid for w in getattr(self._it, "_workers", ())]
         workers += server_pids() if workers else []
+        decode = Counter()
+        for x in self._decode.values():
+            decode.update(x)
         out = {
             "images_per_s": self._images / dt,
             "data_wait_fraction": min(1.0, self._wait / dt),
             "storage_bytes_per_s": (io_bytes - self._io_bytes0) / dt,
             "io_retries": sum(x[0] for x in self._io.values()),
+            "region_decodes": decode.pop("region", 0),
+            "decode_fallbacks": dict(sorted(decode.items())),
             **self.bad_counts(),
             "workers_gib": pss_gib(workers),
         }

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data_tools.decode import decode_stats
 from data_tools.storage import IO_STATS, IOPolicy
 from pretrain.config import DataConfig
 from pretrain.data.assign import Layout, worker_plan
@@ -184,6 +185,7 @@ class TrainStream(IterableDataset):
             "bad_samples": sum(1 for o in outs if o.bad and o.lost < 0),
             "bad_shards": sorted({o.lost for o in outs if o.lost >= 0}),
             "io": [IO_STATS.retries, IO_STATS.bytes_read],
+            "decode": dict(decode_stats()),  # region decodes and fallbacks by reason, cumulative
         }
 
 

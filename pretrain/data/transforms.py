@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from pretrain.data.decode import decode_rgb, image_size, is_jpeg
+from pretrain.data.decode import decode_crop, image_size, is_jpeg, scaled_size
 
 RATIO = (3 / 4, 4 / 3)
 """Aspect-ratio range of the Inception crop."""
@@ -57,7 +57,11 @@ def resized_crop(img: torch.Tensor, top: int, left: int, h: int, w: int, size: i
     Channels-last input takes torch's vectorised uint8 kernel: about 25% faster here than
     `torchvision.transforms.v2.functional.resized_crop` on the CHW tensor, with the same result.
     """
-    crop = img[None, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)  # (1, 3, h, w)
+    crop = img[:, top : top + h, left : left + w].permute(1, 2, 0)[None].permute(0, 3, 1, 2)  # (1, 3, h, w)
+    # Added on the HWC view, the batch dimension gets the stride of a whole image: a channels-last crop that is
+    # already dense (the region decoder's) then passes as it is, and the kernel's output is channels-last too (a
+    # plain img[None] gives that dimension a stride of 3: the output came out NCHW, and the batch copy transposed).
+    crop = crop.contiguous(memory_format=torch.channels_last)
     if crop.is_cpu:
         return torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
     return _resize_rounded(crop, size)  # on the GPU (`data.decode=gpu`)
@@ -73,15 +77,15 @@ def _resize_rounded(crop: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _decode_for_crop(data: bytes, w: int, h: int, box: tuple[float, float, float, float], size: int):
-    """Decode (reduced when the crop is much larger than `size`) and map the crop box to decoded pixels."""
+    """Decode the crop's pixels (reduced when the crop is much larger than `size`): the crop box mapped to decoded
+    pixels, and only the part of the JPEG it needs (`decode_crop`); returns the image and the box within it."""
     top, left, ch, cw = box
     reduce = draft_factor(cw, ch, size) if is_jpeg(data) else 1
-    img = decode_rgb(data, reduce)
-    dh, dw = img.shape[-2:]
-    if (dh, dw) != (h, w):  # draft decoded at a reduced scale
+    if reduce > 1:  # draft mode: the box in the pixels of the 1/reduce image
+        dw, dh = scaled_size(w, h, reduce)
         sy, sx = dh / h, dw / w
         top, left, ch, cw = top * sy, left * sx, max(1.0, ch * sy), max(1.0, cw * sx)
-    return img, (int(top), int(left), max(1, int(round(ch))), max(1, int(round(cw))))
+    return decode_crop(data, (int(top), int(left), max(1, int(round(ch))), max(1, int(round(cw)))), reduce)
 
 
 class TrainTransform:

@@ -129,6 +129,9 @@ class Metrics:
             "bad_samples": stats["bad_samples"],
             "storage_mb_per_s": stats["storage_bytes_per_s"] / 1e6,
             "io_retries": stats["io_retries"],
+            "region_decodes": stats["region_decodes"],
+            "decode_fallbacks": sum(stats["decode_fallbacks"].values()),
+            **{f"decode_fallback_{k}": n for k, n in stats["decode_fallbacks"].items()},  # named: jsonl, TB, W&B
             "eta_s": (self.total_steps - step) * dt / self.steps_since_log,
             "epoch": loader.epoch,
         }
@@ -189,6 +192,7 @@ def format_line(kind: str, step: int, v: dict[str, Any]) -> str:
         "skipped_steps": "skipped {}",
         "storage_mb_per_s": "storage {:.1f} MB/s",
         "io_retries": "io retries {}",
+        "decode_fallbacks": "decode fallbacks {}",
         "eta_s": "ETA {}",
     }
     parts += [f"{key} {val:.1%}" for key, val in v.items() if key.endswith("shot")]  # few-shot: `<set>/<k>shot`

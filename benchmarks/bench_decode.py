@@ -37,7 +37,6 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from benchmarks.peers import forever
 from data_tools import jpeg_region
 from data_tools.decode import decode_rgb, decode_stats, image_size, is_jpeg
 from data_tools.shard import shard
@@ -60,7 +59,8 @@ def _stream_ms(shards: Path, n: int) -> float:
     """CPU ms per image of the whole worker pipeline, in-process, over `n` images after the first batch."""
     cfg = DataConfig(train_shards=str(shards), num_workers=0, shuffle_buffer=256)
     loader = build_train_loader(cfg, img_size=IMG, batch_size=BATCH, seed=0, pin_memory=False)
-    it, batches = iter(forever(TrainStream(loader.spec, 0))), max(1, n // BATCH)  # epochs follow each other
+    it = iter(TrainStream(loader.spec, loader.layout, 0, loader.state))  # the worker's parts, forever
+    batches = max(1, n // BATCH)
     next(it)
     start = time.process_time()
     for _ in range(batches):

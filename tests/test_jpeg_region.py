@@ -209,14 +209,14 @@ def test_without_a_compiler_every_image_is_decoded_whole_with_one_warning(fresh_
     with caplog.at_level(logging.WARNING, logger="pretrain.data"):
         assert not jpeg_region.available()
         decode_stats().clear()
-        out = [TrainTransform(32)(data, random.Random(i)) for i in range(3)]
+        out = [TrainTransform(32, 0.08, True)(data, random.Random(i)) for i in range(3)]
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "JPEG region decode unavailable" in warnings[0]
     assert dict(decode_stats()) == {"unavailable": 3} and list(fresh_build.iterdir()) == []
     jpeg_region._library.cache_clear()
     monkeypatch.delenv("CC")
     # with the compiler back (where there is one): the region path, the same images
-    assert all(torch.equal(TrainTransform(32)(data, random.Random(i)), x) for i, x in enumerate(out))
+    assert all(torch.equal(TrainTransform(32, 0.08, True)(data, random.Random(i)), x) for i, x in enumerate(out))
 
 
 @needs_region

@@ -218,6 +218,23 @@ def test_workers_fork_from_the_fork_server_and_count_in_the_stats(shards):
         assert in_process.stats()["workers_gib"] == 0
 
 
+def test_workers_see_the_loaders_environment_and_folder_not_the_fork_servers(tmp_path, monkeypatch):
+    """The fork server is started once (by the first loader, or the Trainer); a loader made after a change of the
+    environment (credentials set by a fixture or a script) or of the working folder gives its workers those."""
+    from pretrain.data.workers import make_dataloader, start_server
+    from tests.helpers.probe import EnvProbe
+
+    start_server()
+    monkeypatch.setenv("PROBE_AFTER_SERVER_START", "set later")
+    monkeypatch.chdir(tmp_path)
+    dl = make_dataloader(EnvProbe("PROBE_AFTER_SERVER_START"), num_workers=1, pin_memory=False, prefetch=1)
+    it = iter(dl)
+    try:
+        assert list(next(it)) == ["set later", str(tmp_path)]
+    finally:
+        it._shutdown_workers()
+
+
 KILLED = """
 import os, sys
 from pretrain.config import DataConfig

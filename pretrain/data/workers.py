@@ -46,11 +46,22 @@ _WORKERS: weakref.WeakSet = weakref.WeakSet()
 _registered: list[bool] = []
 
 
-def ignore_stop_signals(worker_id: int, loader_pid: int | None = None) -> None:
+def ignore_stop_signals(
+    worker_id: int, loader_pid: int | None = None, env: dict[str, str] | None = None, cwd: str | None = None
+) -> None:
     """A worker outlives SIGTERM / SIGUSR1 sent to the whole job (SLURM signals every process of a step): its rank
     still needs batches to finish the current step and save. Workers end with their rank: its loader stops them
     (`stop_workers`); a rank killed outright (SIGKILL, the OOM killer) cannot, and the DataLoader's own watchdog
-    watches the worker's parent, which is the fork server: so a thread ends the worker when `loader_pid` ends."""
+    watches the worker's parent, which is the fork server: so a thread ends the worker when `loader_pid` ends.
+
+    `env` and `cwd` are the loader's process's at the loader's creation: a worker forked from the server would
+    otherwise see the environment and folder of the server's start (credentials such as AWS_* set later, a
+    relative shard path after a chdir)."""
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     if loader_pid is not None:
@@ -101,7 +112,9 @@ def make_dataloader(ds, num_workers: int, pin_memory: bool | None, prefetch: int
         pin_memory=pin,
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch if num_workers > 0 else None,
-        worker_init_fn=functools.partial(ignore_stop_signals, loader_pid=os.getpid()),
+        worker_init_fn=functools.partial(
+            ignore_stop_signals, loader_pid=os.getpid(), env=dict(os.environ), cwd=os.getcwd()
+        ),
         multiprocessing_context="forkserver" if num_workers else None,
         # Without a generator of its own, every iter() draws its worker base seed from torch's global RNG: a resumed
         # run would then draw at another point than the uninterrupted one, and its dropout masks would differ.

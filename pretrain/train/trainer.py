@@ -63,8 +63,8 @@ def preflight(data: DataConfig, model: ModelConfig) -> tuple[int, list[str]]:
         raise ConfigError("data.train_shards is empty; point it at the folder `python -m data_tools shard` wrote")
     require_cuda(data.decode)
     shards = resolve_shards(data.train_shards, data.train_split)
+    check_readable(shards.urls[0], data.io_policy())  # a refusing store is named before anything else
     shards.counted()  # the order needs every shard's sample count
-    check_readable(shards.urls[0], data.io_policy())
     if data.val_shards:
         check_readable(resolve_shards(data.val_shards, data.val_split).urls[0], data.io_policy())
     names = shards.class_names

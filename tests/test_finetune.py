@@ -202,6 +202,4 @@ def test_exported_demo_backbone_beats_scratch(digits_shards, subset_dir, tmp_pat
     tuned = ft.finetune(str(subset_dir), weights=str(export), **kw)
     scratch = ft.finetune(str(subset_dir), model="vit_test_patch4", **kw)
     print(f"exported demo backbone: fine-tuned {tuned['top1']:.3f}, from scratch {scratch['top1']:.3f}")
-    # The backbone's lead depends on its 120-step pretraining's luck: held-out top-1 after pretraining was 0.38-0.58
-    # over seeds 0-2 and two stream orders (2026-12-06); fine-tuned here, seed 0: 0.42 against 0.20 from scratch.
-    assert tuned["top1"] >= scratch["top1"] + 0.15, (tuned["top1"], scratch["top1"])
+    assert tuned["top1"] >= scratch["top1"] + 0.25, (tuned["top1"], scratch["top1"])

@@ -22,6 +22,17 @@ from urllib.parse import urlparse
 from pretrain.ports import free_port
 
 
+def relay_headers(handler: BaseHTTPRequestHandler, r: http.client.HTTPResponse, length: int) -> None:
+    """Send the status and headers of upstream response `r` through `handler` (hop-by-hop ones dropped, the
+    length of the body the proxy will write)."""
+    handler.send_response(r.status)
+    for k, v in r.getheaders():
+        if k.lower() not in ("connection", "transfer-encoding", "content-length", "date", "server"):
+            handler.send_header(k, v)
+    handler.send_header("Content-Length", str(length))
+    handler.end_headers()
+
+
 class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:  # a client that hung up (a timeout, a reset) is normal
         pass
@@ -143,12 +154,7 @@ class _ProxyHandler(_Quiet):
         r = conn.getresponse()
         body = r.read()
         conn.close()
-        self.send_response(r.status)
-        for k, v in r.getheaders():
-            if k.lower() not in ("connection", "transfer-encoding", "content-length", "date", "server"):
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
+        relay_headers(self, r, len(body))
         if fault == "stall":
             time.sleep(p.stall_s)
             self.close_connection = True
@@ -293,12 +299,7 @@ class _UploadProxyHandler(_Quiet):
         conn.close()
         with p.lock:
             p.log.append((self.command, self.path, r.status))
-        self.send_response(r.status)
-        for k, v in r.getheaders():
-            if k.lower() not in ("connection", "transfer-encoding", "content-length", "date", "server"):
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
+        relay_headers(self, r, len(data))
         if self.command != "HEAD":
             self.wfile.write(data)
 

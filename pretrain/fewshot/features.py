@@ -72,13 +72,11 @@ def _samples(samples: Samples, lo: int, hi: int, io: IOPolicy) -> Iterator[tuple
     i = 0
     while i < len(want):
         j = int(np.searchsorted(offsets, want[i], side="right")) - 1
-        here = want[i:][want[i:] < offsets[j + 1]] - offsets[j]  # this shard's wanted indices
-        got: dict[int, tuple[bytes, int]] = {}
-        for k, item in reader.run(j, int(here[0]), int(here[-1]) + 1, set(here.tolist())):
-            if item.raw is not None:
-                got[k] = (image_bytes(item.raw)[0], item.labels[0])
-        for k in here.tolist():
-            yield got.get(k, (None, -1))
+        here = (want[i:][want[i:] < offsets[j + 1]] - offsets[j]).tolist()  # this shard's wanted indices
+        items = reader.fetch({k: (j, k) for k in here})  # one shard's images in memory at a time
+        for k in here:
+            item = items[k]
+            yield (None, -1) if item.raw is None else (image_bytes(item.raw)[0], item.labels[0])
         i += len(here)
 
 
